@@ -1,0 +1,78 @@
+"""Encrypted framing after the handshake (tcp-relay-protocol.md §5).
+
+A frame is ``uint16 BE length · seal(K, nonce, plaintext)``. ``SecureChannel``
+holds one session key and the two nonce counters (as integers) and turns a
+byte stream into plaintexts and plaintexts into frames. It is used unchanged
+by the server sessions and the client library.
+"""
+
+from collections.abc import Iterator
+
+from nacl.bindings import crypto_box_afternm, crypto_box_open_afternm
+
+from relaycore.constants import CRYPTO_MAC_SIZE, MAX_PACKET_SIZE, MAX_PLAINTEXT_SIZE
+from relaycore.crypto import NONCE_MODULUS, CryptoError, nonce_int
+from relaycore.errors import ProtocolViolation
+
+
+class SecureChannel:
+    """Session key + nonce counters + the receive buffer of one connection."""
+
+    __slots__ = ("key", "send_nonce", "recv_nonce", "_buffer")
+
+    def __init__(self, key: bytes, send_base_nonce: bytes, recv_base_nonce: bytes) -> None:
+        self.key = key
+        self.send_nonce = nonce_int(send_base_nonce)
+        self.recv_nonce = nonce_int(recv_base_nonce)
+        self._buffer = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet forming a complete frame."""
+        return len(self._buffer)
+
+    def encrypt(self, plain: bytes) -> bytes:
+        """One frame; uses (and advances) the send nonce (R-FRAME-7)."""
+        if len(plain) > MAX_PLAINTEXT_SIZE:
+            # R-FRAME-6: never emit a frame longer than 2048.
+            raise ValueError(f"plaintext of {len(plain)} bytes exceeds {MAX_PLAINTEXT_SIZE}")
+        nonce = self.send_nonce
+        self.send_nonce = (nonce + 1) % NONCE_MODULUS
+        boxed = crypto_box_afternm(plain, nonce.to_bytes(24, "big"), self.key)
+        return len(boxed).to_bytes(2, "big") + boxed
+
+    def receive(self, data: bytes) -> Iterator[bytes]:
+        """Feed stream bytes; yield each complete frame's plaintext in order.
+
+        Raises ProtocolViolation at the first bad frame; the frames before it
+        have already been yielded (R-FRAME-5: strict stream order). Partial
+        frames stay buffered (R-FRAME-1).
+        """
+        buffer = self._buffer
+        buffer += data
+        position = 0
+        end = len(buffer)
+        try:
+            while end - position >= 2:
+                length = (buffer[position] << 8) | buffer[position + 1]
+                if length == 0:  # R-FRAME-3: ignored, no nonce used
+                    position += 2
+                    continue
+                if length > MAX_PACKET_SIZE:
+                    raise ProtocolViolation("R-FRAME-2", f"frame length {length} > 2048")
+                if length <= CRYPTO_MAC_SIZE:
+                    raise ProtocolViolation("R-FRAME-4", f"frame length {length} <= 16")
+                if end - position - 2 < length:
+                    break
+                boxed = bytes(buffer[position + 2 : position + 2 + length])
+                position += 2 + length
+                try:
+                    plain = crypto_box_open_afternm(
+                        boxed, self.recv_nonce.to_bytes(24, "big"), self.key
+                    )
+                except CryptoError:
+                    raise ProtocolViolation("R-FRAME-4", "frame MAC does not verify") from None
+                self.recv_nonce = (self.recv_nonce + 1) % NONCE_MODULUS  # R-FRAME-5
+                yield plain
+        finally:
+            del buffer[:position]

@@ -1,0 +1,30 @@
+"""Tunable behaviour of the server core: limits and the documented differences
+from tox-bootstrapd 0.2.18 (docs/differences.md). Validation of user input
+lives in ``cluster.config``; this module only holds the values."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RelayOptions:
+    # Seconds an INCOMING or UNCONFIRMED connection may take to send its hello
+    # and first valid frame; 0 disables (tox-bootstrapd has none, R-TIME-2).
+    handshake_timeout: float = 10.0
+    # Kill a confirmed connection as soon as its socket closes (R-KILL-4
+    # SHOULD); False keeps it registered until the ping timeout, as 0.2.18.
+    close_on_peer_eof: bool = True
+    # All connections of this process, any state; 0 = unlimited.
+    max_connections: int = 0
+    # Connections from one source address, any state; 0 = unlimited.
+    max_connections_per_ip: int = 0
+    # INCOMING + UNCONFIRMED at once; further connections are refused (closed
+    # at once) instead of evicting older handshakes as 0.2.18's rings do.
+    max_unconfirmed: int = 1024
+    # Non-priority packets (relayed data, OOB, onion/forward responses) are
+    # dropped while the receiver has more than this many bytes unsent (R-OUT-2).
+    output_soft_limit: int = 64 * 1024
+    # A connection whose unsent output would grow past this is killed (R-OUT-1
+    # has no bound in 0.2.18; ours must have one).
+    output_hard_limit: int = 1024 * 1024
+    ping_interval: float = 30.0  # R-PING-2
+    ping_timeout: float = 10.0  # R-PING-4

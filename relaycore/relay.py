@@ -1,0 +1,450 @@
+"""The relay table of one server process (tcp-relay-protocol.md §3, §6, §8-§13).
+
+``RelayServer`` owns every connection's state: handshake progress, session
+channel, the 240 routing slots, links between slots, the key index, pings and
+the output queue decisions. It is sans-IO: the adapter feeds it bytes with
+``receive(connection, data, now)``, drives ``tick(now)`` about once a second
+and, after each call, writes ``connection.outbox`` of every connection in
+``take_dirty()`` and closes every connection in ``take_closed()``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable
+from enum import Enum
+
+from relaycore.constants import (
+    NUM_CLIENT_CONNECTIONS,
+    NUM_RESERVED_PORTS,
+    SERVER_PING_ID_SIZE,
+    TCP_CLIENT_HANDSHAKE_SIZE,
+    PacketId,
+)
+from relaycore.crypto import beforenm, generate_keypair, public_key_of
+from relaycore.errors import ProtocolViolation
+from relaycore.framing import SecureChannel
+from relaycore.handshake import make_server_reply, open_client_hello
+from relaycore.options import RelayOptions
+from relaycore.packets import (
+    ConnectNotification,
+    DisconnectNotification,
+    ForwardRequest,
+    OnionRequest,
+    OobSend,
+    Ping,
+    Pong,
+    RoutingRequest,
+    decode_client_packet,
+)
+
+_ZERO_PING_ID = bytes(SERVER_PING_ID_SIZE)
+
+
+class ConnectionState(Enum):
+    INCOMING = "incoming"  # waiting for the 128-byte hello
+    UNCONFIRMED = "unconfirmed"  # replied; waiting for the first valid frame
+    CONFIRMED = "confirmed"  # registered under its key, visible to others
+    CLOSED = "closed"
+
+
+class SlotState(Enum):
+    REQUESTED = "requested"  # the owner asked for this key; not linked
+    LINKED = "linked"  # both sides asked for each other
+
+
+class Slot:
+    """One of a connection's 240 routing slots (a free slot is ``None``)."""
+
+    __slots__ = ("public_key", "state", "peer", "peer_slot")
+
+    def __init__(self, public_key: bytes) -> None:
+        self.public_key = public_key
+        self.state = SlotState.REQUESTED
+        self.peer: ServerConnection | None = None
+        self.peer_slot = -1
+
+    def unlink(self) -> None:
+        self.state = SlotState.REQUESTED
+        self.peer = None
+        self.peer_slot = -1
+
+
+class ServerConnection:
+    """Server-side state of one client connection."""
+
+    __slots__ = (
+        "serial",
+        "peer_ip",
+        "opened_at",
+        "state",
+        "public_key",
+        "channel",
+        "_hello",
+        "slots",
+        "slot_of_key",
+        "identifier",
+        "last_pinged",
+        "ping_id",
+        "outbox",
+        "outbox_size",
+        "transport_backlog",
+        "peer_closed",
+        "close_reason",
+        "handle",
+    )
+
+    def __init__(self, serial: int, peer_ip: str, now: float) -> None:
+        self.serial = serial
+        self.peer_ip = peer_ip
+        self.opened_at = now
+        self.state = ConnectionState.INCOMING
+        self.public_key: bytes | None = None
+        self.channel: SecureChannel | None = None
+        self._hello = bytearray()
+        self.slots: list[Slot | None] = [None] * NUM_CLIENT_CONNECTIONS
+        self.slot_of_key: dict[bytes, int] = {}
+        self.identifier = 0  # R-CONF-4, set on confirmation
+        self.last_pinged = now
+        self.ping_id = _ZERO_PING_ID
+        self.outbox: list[bytes] = []  # bytes for the adapter to write, in order
+        self.outbox_size = 0
+        self.transport_backlog = 0  # bytes the adapter's transport still holds
+        self.peer_closed = False
+        self.close_reason: str | None = None
+        self.handle: object = None  # the adapter's own reference (its transport)
+
+    def __repr__(self) -> str:
+        key = self.public_key.hex()[:8] if self.public_key else "-"
+        return f"<ServerConnection #{self.serial} {self.state.value} {key}>"
+
+    @property
+    def unsent(self) -> int:
+        return self.outbox_size + self.transport_backlog
+
+
+class ConnectionRefused(Exception):
+    """A new connection is over a configured limit; ``reason`` names it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RelayServer:
+    """All connections of one relay process and the rules between them."""
+
+    def __init__(
+        self,
+        secret_key: bytes,
+        options: RelayOptions | None = None,
+        *,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        keypair: Callable[[], tuple[bytes, bytes]] = generate_keypair,
+    ) -> None:
+        self.secret_key = secret_key
+        self.public_key = public_key_of(secret_key)
+        self.options = options or RelayOptions()
+        self._random_bytes = random_bytes
+        self._keypair = keypair
+        self.by_key: dict[bytes, ServerConnection] = {}  # CONFIRMED only (R-CONF-5)
+        self.pending: set[ServerConnection] = set()  # INCOMING + UNCONFIRMED
+        self.connections_per_ip: Counter[str] = Counter()
+        self.connection_count = 0
+        self._serial = 0
+        self._identifier = 0  # R-CONF-4: first value 1, never reused
+        self._dirty: list[ServerConnection] = []
+        self._closed: list[ServerConnection] = []
+        self.stats: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------
+    # Adapter interface
+    # ------------------------------------------------------------------
+
+    def open_connection(self, peer_ip: str, now: float) -> ServerConnection:
+        """A socket was accepted. Raises ConnectionRefused when over a limit."""
+        options = self.options
+        if options.max_connections and self.connection_count >= options.max_connections:
+            self.stats["refused.max_connections"] += 1
+            raise ConnectionRefused("max_connections")
+        if (
+            options.max_connections_per_ip
+            and self.connections_per_ip[peer_ip] >= options.max_connections_per_ip
+        ):
+            self.stats["refused.max_connections_per_ip"] += 1
+            raise ConnectionRefused("max_connections_per_ip")
+        if options.max_unconfirmed and len(self.pending) >= options.max_unconfirmed:
+            self.stats["refused.max_unconfirmed"] += 1
+            raise ConnectionRefused("max_unconfirmed")
+        self._serial += 1
+        connection = ServerConnection(self._serial, peer_ip, now)
+        self.pending.add(connection)
+        self.connections_per_ip[peer_ip] += 1
+        self.connection_count += 1
+        self.stats["accepted"] += 1
+        return connection
+
+    def receive(self, connection: ServerConnection, data: bytes, now: float) -> None:
+        """Bytes arrived from a client; handle every complete frame in order."""
+        if connection.state is ConnectionState.CLOSED:
+            return
+        if connection.state is ConnectionState.INCOMING:
+            data = self._receive_hello(connection, data)
+            if not data:
+                return
+        channel = connection.channel
+        assert channel is not None
+        try:
+            for plain in channel.receive(data):
+                if connection.state is ConnectionState.UNCONFIRMED:
+                    self._confirm(connection, now)  # R-CONF-1
+                self._handle_packet(connection, plain, now)
+                if connection.state is ConnectionState.CLOSED:
+                    return
+        except ProtocolViolation as violation:
+            self.kill(connection, violation.rule)
+
+    def peer_closed(self, connection: ServerConnection, now: float) -> None:
+        """The client's socket reached EOF or failed (R-KILL-4)."""
+        if connection.state is ConnectionState.CLOSED:
+            return
+        connection.peer_closed = True
+        if self.options.close_on_peer_eof or connection.state is not ConnectionState.CONFIRMED:
+            self.kill(connection, "R-KILL-4")
+        # else: 0.2.18 behaviour, the ping timeout (R-PING-4) ends it later.
+
+    def tick(self, now: float) -> None:
+        """Timers: server pings, ping timeouts, handshake timeouts (§10)."""
+        options = self.options
+        for connection in list(self.by_key.values()):
+            if now >= connection.last_pinged + options.ping_interval:  # R-PING-2
+                ping_id = self._random_bytes(SERVER_PING_ID_SIZE)
+                if ping_id == _ZERO_PING_ID:
+                    ping_id = b"\x00" * (SERVER_PING_ID_SIZE - 1) + b"\x01"
+                self._send_priority(connection, b"\x04" + ping_id)
+                connection.ping_id = ping_id
+                connection.last_pinged = now
+            if (
+                connection.ping_id != _ZERO_PING_ID
+                and now >= connection.last_pinged + options.ping_timeout
+            ):
+                self.kill(connection, "R-PING-4")
+        if options.handshake_timeout:
+            deadline = now - options.handshake_timeout
+            for connection in [c for c in self.pending if c.opened_at <= deadline]:
+                self.kill(connection, "handshake_timeout")
+
+    def take_dirty(self) -> list[ServerConnection]:
+        """Connections with new bytes in ``outbox`` since the last call."""
+        dirty, self._dirty = self._dirty, []
+        return dirty
+
+    def take_closed(self) -> list[ServerConnection]:
+        """Connections the adapter must close (their outbox is discarded)."""
+        closed, self._closed = self._closed, []
+        return closed
+
+    def kill(self, connection: ServerConnection, reason: str) -> None:
+        """Close one connection and tell its linked peers (R-KILL-1, R-KILL-5)."""
+        if connection.state is ConnectionState.CLOSED:
+            return
+        if connection.state is ConnectionState.CONFIRMED:
+            for slot in connection.slots:
+                if slot is not None and slot.state is SlotState.LINKED:
+                    self._unlink_peer(slot)
+            if self.by_key.get(connection.public_key) is connection:  # type: ignore[arg-type]
+                del self.by_key[connection.public_key]  # type: ignore[arg-type]
+        else:
+            self.pending.discard(connection)
+        connection.slots = [None] * NUM_CLIENT_CONNECTIONS
+        connection.slot_of_key.clear()
+        connection.state = ConnectionState.CLOSED
+        connection.close_reason = reason
+        connection.outbox.clear()
+        connection.outbox_size = 0
+        self.connections_per_ip[connection.peer_ip] -= 1
+        if not self.connections_per_ip[connection.peer_ip]:
+            del self.connections_per_ip[connection.peer_ip]
+        self.connection_count -= 1
+        self.stats[f"closed.{reason}"] += 1
+        self._closed.append(connection)
+
+    # ------------------------------------------------------------------
+    # Handshake and confirmation
+    # ------------------------------------------------------------------
+
+    def _receive_hello(self, connection: ServerConnection, data: bytes) -> bytes:
+        """Collect the 128-byte hello (R-HS-1); return the bytes after it."""
+        hello = connection._hello
+        hello += data
+        if len(hello) < TCP_CLIENT_HANDSHAKE_SIZE:
+            return b""
+        rest = bytes(hello[TCP_CLIENT_HANDSHAKE_SIZE:])
+        try:
+            client_pk, client_half = open_client_hello(
+                bytes(hello[:TCP_CLIENT_HANDSHAKE_SIZE]), self.secret_key
+            )
+        except ProtocolViolation as violation:
+            self.kill(connection, violation.rule)  # R-HS-2: no reply
+            return b""
+        connection._hello = bytearray()
+        temp_pk, temp_sk = self._keypair()
+        base_nonce = self._random_bytes(24)
+        reply = make_server_reply(
+            self.secret_key, client_pk, temp_pk, base_nonce, self._random_bytes(24)
+        )
+        connection.public_key = client_pk
+        connection.channel = SecureChannel(  # R-HS-5
+            beforenm(client_half.temp_public_key, temp_sk),
+            send_base_nonce=base_nonce,
+            recv_base_nonce=client_half.base_nonce,
+        )
+        connection.state = ConnectionState.UNCONFIRMED
+        self._append(connection, reply)  # R-HS-4
+        self.stats["handshakes"] += 1
+        return rest
+
+    def _confirm(self, connection: ServerConnection, now: float) -> None:
+        key = connection.public_key
+        assert key is not None
+        previous = self.by_key.get(key)
+        if previous is not None:  # R-CONF-3: last confirmed wins
+            self.kill(previous, "R-CONF-3")
+        self.pending.discard(connection)
+        self._identifier += 1
+        connection.identifier = self._identifier  # R-CONF-4
+        connection.last_pinged = now
+        connection.ping_id = _ZERO_PING_ID
+        connection.state = ConnectionState.CONFIRMED
+        self.by_key[key] = connection
+        self.stats["confirmed"] += 1
+
+    # ------------------------------------------------------------------
+    # Packets (§8). The per-packet hot path is routed data, handled first;
+    # `cluster loadtest throughput` is the benchmark that guards it.
+    # ------------------------------------------------------------------
+
+    def _handle_packet(self, connection: ServerConnection, plain: bytes, now: float) -> None:
+        packet_id = plain[0]
+        if packet_id >= NUM_RESERVED_PORTS:
+            slot = connection.slots[packet_id - NUM_RESERVED_PORTS]
+            if slot is None:
+                raise ProtocolViolation("R-DATA-2", f"data for unused id {packet_id}")
+            if slot.state is SlotState.LINKED:  # R-DATA-4
+                peer_id = slot.peer_slot + NUM_RESERVED_PORTS
+                self._send_nonpriority(slot.peer, bytes((peer_id,)) + plain[1:])  # type: ignore[arg-type]
+            else:
+                self.stats["dropped.not_linked"] += 1  # R-DATA-3
+            return
+        packet = decode_client_packet(plain)
+        self.stats[f"packets_in.{PacketId(packet_id).name.lower()}"] += 1
+        if isinstance(packet, RoutingRequest):
+            self._route_request(connection, packet.public_key)
+        elif isinstance(packet, Ping):  # R-PING-1
+            self._send_priority(connection, b"\x05" + packet.ping_id)
+        elif isinstance(packet, Pong):  # R-PING-3
+            if packet.ping_id == _ZERO_PING_ID:
+                raise ProtocolViolation("R-PING-3", "PONG with id 0")
+            if packet.ping_id == connection.ping_id:
+                connection.ping_id = _ZERO_PING_ID
+        elif isinstance(packet, OobSend):
+            destination = self.by_key.get(packet.destination)
+            if destination is None:
+                self.stats["dropped.oob_offline"] += 1  # R-OOB-3
+            else:  # R-OOB-2
+                self._send_nonpriority(
+                    destination,
+                    b"\x07" + connection.public_key + packet.data,  # type: ignore[operator]
+                )
+        elif isinstance(packet, DisconnectNotification):
+            self._disconnect_request(connection, packet.connection_id)
+        elif isinstance(packet, ConnectNotification):
+            pass  # R-NOTIF-1: ignored
+        elif isinstance(packet, OnionRequest | ForwardRequest):
+            # R-PKT-8 / R-PKT-10: accepted and counted; forwarding them over UDP
+            # is not built yet, so they go nowhere.
+            self.stats["dropped.onion_not_forwarded"] += 1
+
+    def _route_request(self, connection: ServerConnection, public_key: bytes) -> None:
+        if public_key == connection.public_key:  # R-ROUTE-2
+            self._send_priority(connection, b"\x01\x00" + public_key)
+            return
+        existing = connection.slot_of_key.get(public_key)
+        if existing is not None:  # R-ROUTE-3
+            self._send_priority(connection, bytes((1, existing + NUM_RESERVED_PORTS)) + public_key)
+            return
+        try:
+            index = connection.slots.index(None)  # R-ROUTE-5: lowest free slot
+        except ValueError:  # R-ROUTE-4: all 240 used
+            self._send_priority(connection, b"\x01\x00" + public_key)
+            return
+        self._send_priority(connection, bytes((1, index + NUM_RESERVED_PORTS)) + public_key)
+        slot = connection.slots[index] = Slot(public_key)
+        connection.slot_of_key[public_key] = index
+        other = self.by_key.get(public_key)  # R-ROUTE-6
+        if other is None:
+            return
+        other_index = other.slot_of_key.get(connection.public_key)  # type: ignore[arg-type]
+        if other_index is None:
+            return  # R-ROUTE-7
+        other_slot = other.slots[other_index]
+        assert other_slot is not None
+        if other_slot.state is not SlotState.REQUESTED:
+            return
+        slot.state = other_slot.state = SlotState.LINKED
+        slot.peer, slot.peer_slot = other, other_index
+        other_slot.peer, other_slot.peer_slot = connection, index
+        self._send_priority(connection, bytes((2, index + NUM_RESERVED_PORTS)))
+        self._send_priority(other, bytes((2, other_index + NUM_RESERVED_PORTS)))
+        self.stats["links"] += 1
+
+    def _disconnect_request(self, connection: ServerConnection, connection_id: int) -> None:
+        index = (connection_id - NUM_RESERVED_PORTS) % 256  # R-DISC-2
+        if index >= NUM_CLIENT_CONNECTIONS or connection.slots[index] is None:
+            raise ProtocolViolation("R-DISC-2", f"disconnect for unused id {connection_id}")
+        slot = connection.slots[index]
+        assert slot is not None
+        if slot.state is SlotState.LINKED:  # R-DISC-3
+            self._unlink_peer(slot)
+        connection.slots[index] = None
+        del connection.slot_of_key[slot.public_key]
+
+    def _unlink_peer(self, slot: Slot) -> None:
+        """The link of ``slot`` ends: the peer's slot reverts to REQUESTED and the
+        peer gets a DISCONNECT_NOTIFICATION (R-DISC-3, R-KILL-1)."""
+        peer, peer_index = slot.peer, slot.peer_slot
+        assert peer is not None
+        peer_slot = peer.slots[peer_index]
+        assert peer_slot is not None
+        peer_slot.unlink()
+        slot.unlink()
+        self._send_priority(peer, bytes((3, peer_index + NUM_RESERVED_PORTS)))
+
+    # ------------------------------------------------------------------
+    # Output (§13)
+    # ------------------------------------------------------------------
+
+    def _append(self, connection: ServerConnection, data: bytes) -> None:
+        if not connection.outbox:
+            self._dirty.append(connection)
+        connection.outbox.append(data)
+        connection.outbox_size += len(data)
+
+    def _send_priority(self, connection: ServerConnection, plain: bytes) -> None:
+        """R-OUT-1: never dropped; but a connection that lets it pile up past the
+        hard limit is killed rather than allowed to eat memory."""
+        if connection.unsent + len(plain) > self.options.output_hard_limit:
+            self.kill(connection, "output_hard_limit")
+            return
+        self._append(connection, connection.channel.encrypt(plain))  # type: ignore[union-attr]
+
+    def _send_nonpriority(self, connection: ServerConnection, plain: bytes) -> None:
+        """R-OUT-2: dropped, without using a nonce, while the receiver is backed up."""
+        if connection.unsent > self.options.output_soft_limit:
+            self.stats["dropped.backpressure"] += 1
+            return
+        if connection.state is not ConnectionState.CONFIRMED:
+            return
+        self._append(connection, connection.channel.encrypt(plain))  # type: ignore[union-attr]
+        self.stats["relayed"] += 1
