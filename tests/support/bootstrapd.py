@@ -21,6 +21,7 @@ Public API:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import shutil
@@ -68,9 +69,7 @@ class ReferenceRelay:
     secret_key: bytes
     pid: int
     workdir: Path
-    _proc: subprocess.Popen[bytes] | None = field(
-        default=None, repr=False, compare=False
-    )
+    _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     def stop(self) -> None:
         """SIGTERM by PID, wait up to 5 s, then SIGKILL by PID. Idempotent.
@@ -118,9 +117,7 @@ def start_bootstrapd(
     ``RuntimeError`` carrying the daemon's stdout/stderr is raised.
     """
     if not bootstrapd_available():
-        raise RuntimeError(
-            f"{BOOTSTRAPD_PATH} not found (apt-get install toxcore-utils)"
-        )
+        raise RuntimeError(f"{BOOTSTRAPD_PATH} not found (apt-get install toxcore-utils)")
     if attempts < 1:
         raise ValueError("attempts must be >= 1")
     if secret_key is None:
@@ -140,9 +137,7 @@ def start_bootstrapd(
         relay, error = _try_start(workdir, tcp_port, public_key, secret_key)
         if relay is not None:
             return relay
-        failures.append(
-            f"--- attempt {attempt} (tcp {tcp_port}, udp {udp_port}): {error}"
-        )
+        failures.append(f"--- attempt {attempt} (tcp {tcp_port}, udp {udp_port}): {error}")
     raise RuntimeError(
         f"tox-bootstrapd failed to start after {attempts} attempts in {workdir}:\n"
         + "\n".join(failures)
@@ -262,17 +257,13 @@ def _logs(workdir: Path) -> str:
 def _terminate(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM, wait up to STOP_TIMEOUT_S, SIGKILL; always reaps. Signals by PID only."""
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         try:
             proc.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
     proc.wait()
 
 
@@ -367,9 +358,7 @@ def _try_start(
         if match:
             printed = bytes.fromhex(match.group(1).decode())
             if printed != public_key:
-                reason = (
-                    f"printed public key {printed.hex()} != expected {public_key.hex()}"
-                )
+                reason = f"printed public key {printed.hex()} != expected {public_key.hex()}"
             elif not _tcp_accepts(tcp_port, deadline):
                 reason = f"TCP port {tcp_port} does not accept connections"
             elif proc.poll() is not None:

@@ -1,0 +1,157 @@
+"""The ``cluster`` command: keygen, pubkey, start."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cluster.config import ConfigError, RelayConfig, load_config
+from cluster.keys import KeysFileError, create_keys, load_keys, load_or_create_keys
+
+DEFAULT_KEYS = RelayConfig().keys_file
+
+log = logging.getLogger("cluster")
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    identity = create_keys(args.keys)
+    _print(identity.public_key_hex)
+    return 0
+
+
+def _cmd_pubkey(args: argparse.Namespace) -> int:
+    _print(load_keys(args.keys).public_key_hex)
+    return 0
+
+
+def _cmd_start(args: argparse.Namespace) -> int:
+    # Imported here so `cluster keygen` works without uvloop's start-up cost.
+    from worker.process import ListenSpec, bind_listeners, raise_open_file_limit, run_shard
+
+    overrides = {
+        "keys_file": args.keys,
+        "host": args.host,
+        "ports": args.port,
+        "workers": args.workers,
+        "log_level": args.log_level,
+    }
+    config = load_config(args.config, overrides)
+    logging.getLogger().setLevel(config.log_level.upper())
+    if config.workers != 1:
+        raise ConfigError(
+            f"workers: {config.workers} shards are not supported yet; this build runs one (use 1)"
+        )
+    identity, created = load_or_create_keys(config.keys_file)
+    if created:
+        log.info("created a new keys file %s (mode 0600)", config.keys_file)
+    raise_open_file_limit(config.min_open_files)
+    sockets = bind_listeners(ListenSpec(config.host, config.ports, config.listen_backlog))
+    log.info(
+        "config: handshake_timeout=%ss max_connections=%d per_ip=%d max_unconfirmed=%d",
+        config.handshake_timeout,
+        config.max_connections,
+        config.max_connections_per_ip,
+        config.max_unconfirmed,
+    )
+
+    def announce(addresses: list[str]) -> None:
+        _print(f"Public Key: {identity.public_key_hex}")
+        for address in addresses:
+            _print(f"Listening on {address}")
+        _print(f"Relay ready: {config.workers} worker, {len(addresses)} listening address(es)")
+
+    run_shard(identity.secret_key, config.relay_options(), sockets, announce)
+    log.info("stopped")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cluster",
+        description="A Tox TCP relay, byte-compatible with tox-bootstrapd's, "
+        "built to use every core.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    keys_help = f"keys file: 64 bytes, public key || secret key (default: {DEFAULT_KEYS})"
+
+    keygen = sub.add_parser(
+        "keygen",
+        help="create a keys file and print its public key",
+        description="Create a new relay identity (mode 0600) and print the public key as "
+        "64 uppercase hex digits. Refuses to overwrite an existing file.",
+    )
+    keygen.add_argument("--keys", type=Path, default=DEFAULT_KEYS, metavar="PATH", help=keys_help)
+    keygen.set_defaults(handler=_cmd_keygen)
+
+    pubkey = sub.add_parser(
+        "pubkey",
+        help="print the public key of an existing keys file",
+        description="Print the public key of a keys file (the one clients are given).",
+    )
+    pubkey.add_argument("--keys", type=Path, default=DEFAULT_KEYS, metavar="PATH", help=keys_help)
+    pubkey.set_defaults(handler=_cmd_pubkey)
+
+    start = sub.add_parser(
+        "start",
+        help="run the relay in the foreground",
+        description="Run the relay in the foreground until SIGINT or SIGTERM. Creates the keys "
+        "file when it is missing. Prints 'Public Key: ...', one 'Listening on ...' line per "
+        "address and 'Relay ready' once connections are accepted. Flags override the "
+        "configuration file.",
+    )
+    start.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML configuration file (see ops/cluster.example.toml)",
+    )
+    start.add_argument("--keys", type=Path, metavar="PATH", help=keys_help)
+    start.add_argument(
+        "--host", metavar="ADDR", help="address to listen on (default 0.0.0.0; '::' for dual-stack)"
+    )
+    start.add_argument(
+        "--port",
+        type=int,
+        action="append",
+        metavar="P",
+        help="TCP port to listen on; repeat for several (default 33445; 443 and 3389 are "
+        "common extras; 0 = any free port)",
+    )
+    start.add_argument(
+        "--workers", type=int, metavar="N", help="number of relay shards (this build: 1)"
+    )
+    start.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="log verbosity (default info)",
+    )
+    start.set_defaults(handler=_cmd_start)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, KeysFileError) as error:
+        print(f"cluster: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"cluster: error: {error.strerror or error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Relay configuration: defaults, the TOML file, command-line overrides, and
+validation that names the key and the problem before anything is bound.
+
+Every key is documented in ``ops/cluster.example.toml``; keep the two in step
+(a test checks that the example file loads and names every key).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from relaycore.options import RelayOptions
+
+
+class ConfigError(Exception):
+    """A configuration value is wrong; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    keys_file: Path = Path("relay.keys")
+    host: str = "0.0.0.0"
+    ports: tuple[int, ...] = (33445,)
+    workers: int = 1
+    log_level: str = "info"
+    handshake_timeout: float = 10.0
+    close_on_peer_eof: bool = True
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
+    max_unconfirmed: int = 1024
+    output_soft_limit: int = 64 * 1024
+    output_hard_limit: int = 1024 * 1024
+    listen_backlog: int = 1024
+    min_open_files: int = 4096
+
+    def relay_options(self) -> RelayOptions:
+        return RelayOptions(
+            handshake_timeout=self.handshake_timeout,
+            close_on_peer_eof=self.close_on_peer_eof,
+            max_connections=self.max_connections,
+            max_connections_per_ip=self.max_connections_per_ip,
+            max_unconfirmed=self.max_unconfirmed,
+            output_soft_limit=self.output_soft_limit,
+            output_hard_limit=self.output_hard_limit,
+        )
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+CONFIG_KEYS = tuple(f.name for f in fields(RelayConfig))
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _int(key: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key}: expected an integer, got {_type_name(value)} {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ConfigError(f"{key}: {value} is out of range (must be {bound})")
+    return value
+
+
+def _number(key: str, value: object, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}: expected a number of seconds, got {_type_name(value)} {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{key}: {value} is out of range (must be >= {minimum})")
+    return float(value)
+
+
+def _bool(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {_type_name(value)} {value!r}")
+    return value
+
+
+def _validate(key: str, value: object) -> object:
+    """The checked value of one key, or ConfigError naming the key."""
+    match key:
+        case "keys_file":
+            if not isinstance(value, str | Path) or not str(value):
+                raise ConfigError(f"keys_file: expected a path, got {value!r}")
+            return Path(value)
+        case "host":
+            if not isinstance(value, str):
+                raise ConfigError(f"host: expected an IP address string, got {value!r}")
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                raise ConfigError(f"host: {value!r} is not an IPv4 or IPv6 address") from None
+            return value
+        case "ports":
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = [value]
+            if not isinstance(value, list | tuple) or not value:
+                raise ConfigError(f"ports: expected a non-empty list of ports, got {value!r}")
+            ports = tuple(_int("ports", port, 0, 65535) for port in value)
+            if len(set(ports)) != len(ports) and 0 not in ports:
+                raise ConfigError(f"ports: {list(ports)} lists a port twice")
+            return ports
+        case "workers":
+            return _int(key, value, 1, 1024)
+        case "log_level":
+            if value not in LOG_LEVELS:
+                raise ConfigError(f"log_level: {value!r} is not one of {', '.join(LOG_LEVELS)}")
+            return value
+        case "handshake_timeout":
+            return _number(key, value, 0.0)
+        case "close_on_peer_eof":
+            return _bool(key, value)
+        case "max_connections" | "max_connections_per_ip" | "max_unconfirmed":
+            return _int(key, value, 0)
+        case "output_soft_limit" | "output_hard_limit":
+            return _int(key, value, 2048)
+        case "listen_backlog":
+            return _int(key, value, 1, 65535)
+        case "min_open_files":
+            return _int(key, value, 0)
+    raise ConfigError(f"{key}: unknown configuration key (known: {', '.join(CONFIG_KEYS)})")
+
+
+def _check_consistency(config: RelayConfig) -> None:
+    if config.output_hard_limit < config.output_soft_limit:
+        raise ConfigError(
+            f"output_hard_limit: {config.output_hard_limit} is below output_soft_limit "
+            f"({config.output_soft_limit})"
+        )
+
+
+def build_config(
+    file_values: dict[str, Any], overrides: dict[str, Any], base_dir: Path
+) -> RelayConfig:
+    """Defaults <- file values <- overrides (flags); every value checked."""
+    values: dict[str, Any] = {}
+    for source in (file_values, overrides):
+        for key, value in source.items():
+            if value is None:
+                continue
+            values[key] = _validate(key, value)
+    if overrides.get("keys_file") is None and "keys_file" in values:
+        values["keys_file"] = base_dir / values["keys_file"]  # relative to the config file
+    config = replace(RelayConfig(), **values)
+    _check_consistency(config)
+    return config
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as config_file:
+            return tomllib.load(config_file)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> RelayConfig:
+    if path is None:
+        return build_config({}, overrides, Path(os.getcwd()))
+    file_values = read_config_file(path)
+    try:
+        return build_config(file_values, overrides, path.resolve().parent)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None

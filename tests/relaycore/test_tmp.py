@@ -1,0 +1,3 @@
+import relaycore.relay
+def test_x():
+    assert relaycore.relay.RelayServer

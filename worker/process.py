@@ -1,0 +1,108 @@
+"""Running one shard as a process: open-file limit, sockets, signals, the
+ready announcement and a clean stop within a bound."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import signal
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import uvloop
+
+from relaycore.options import RelayOptions
+from worker.shard import Shard, open_listening_socket
+
+log = logging.getLogger("worker")
+
+STOP_TIMEOUT = 4.0  # seconds; `cluster start` must exit within 5 s of SIGTERM
+
+
+def raise_open_file_limit(minimum: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; warn when below ``minimum``.
+
+    Returns the new soft limit (each connection costs one descriptor).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as error:
+            log.warning(
+                "could not raise the open-file limit from %d to %d: %s", soft, target, error
+            )
+    if soft < minimum:
+        log.warning(
+            "open-file limit is %d (< %d): the relay can hold at most about %d clients; "
+            "raise it (LimitNOFILE= in systemd, ulimit -n)",
+            soft,
+            minimum,
+            soft - 32,
+        )
+    return soft
+
+
+@dataclass(frozen=True)
+class ListenSpec:
+    host: str
+    ports: Sequence[int]
+    backlog: int
+
+
+def bind_listeners(spec: ListenSpec) -> list[socket.socket]:
+    """Bind every port or none (an error names the port that failed)."""
+    sockets: list[socket.socket] = []
+    try:
+        for port in spec.ports:
+            try:
+                sockets.append(open_listening_socket(spec.host, port, spec.backlog))
+            except OSError as error:
+                raise OSError(
+                    error.errno, f"cannot listen on {spec.host} port {port}: {error.strerror}"
+                ) from None
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def format_address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve_until_stopped(
+    secret_key: bytes,
+    options: RelayOptions,
+    sockets: list[socket.socket],
+    on_ready: Callable[[list[str]], None],
+) -> None:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    shard = Shard(secret_key, options, loop)
+    await shard.serve(sockets)
+    on_ready([format_address(sock) for sock in sockets])
+    await stopping.wait()
+    log.info("stopping: closing %d connections", shard.server.connection_count)
+    try:
+        await asyncio.wait_for(shard.stop(), STOP_TIMEOUT)
+    except TimeoutError:
+        log.warning("stop took longer than %.0f s; exiting anyway", STOP_TIMEOUT)
+
+
+def run_shard(
+    secret_key: bytes,
+    options: RelayOptions,
+    sockets: list[socket.socket],
+    on_ready: Callable[[list[str]], None],
+) -> None:
+    """Serve on ``sockets`` with uvloop until SIGINT/SIGTERM."""
+    uvloop.run(serve_until_stopped(secret_key, options, sockets, on_ready))

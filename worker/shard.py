@@ -1,0 +1,173 @@
+"""One relay shard: the asyncio (uvloop) adapter around ``relaycore.relay``.
+
+Owns the listening sockets (SO_REUSEPORT, so several shards can share the
+ports), one ``asyncio.Protocol`` per client connection, the one coarse timer
+of the process, and moving the core's output to the transports. It holds no
+protocol logic: every decision is the core's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Iterable
+
+from relaycore.options import RelayOptions
+from relaycore.relay import ConnectionRefused, ConnectionState, RelayServer, ServerConnection
+
+log = logging.getLogger("worker.shard")
+
+TICK_INTERVAL = 1.0  # seconds; pings (30 s), ping timeouts (10 s), handshake timeouts
+
+
+def open_listening_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A TCP listener with SO_REUSEADDR and SO_REUSEPORT set, not yet serving."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "::" is dual-stack
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class ClientProtocol(asyncio.Protocol):
+    """Moves bytes between one client socket and the shard's RelayServer."""
+
+    __slots__ = ("connection", "shard", "transport")
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+        self.transport: asyncio.Transport | None = None
+        self.connection: ServerConnection | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        shard = self.shard
+        peer = transport.get_extra_info("peername")
+        peer_ip = peer[0] if peer else "?"
+        try:
+            self.connection = shard.server.open_connection(peer_ip, shard.loop.time())
+        except ConnectionRefused as refusal:
+            shard.note_refusal(refusal.reason, peer_ip)
+            transport.abort()
+            return
+        self.connection.handle = transport
+        # High-water mark = the soft limit: pause_writing tells the core when
+        # non-priority packets start being dropped (R-OUT-2).
+        transport.set_write_buffer_limits(high=shard.options.output_soft_limit)
+
+    def data_received(self, data: bytes) -> None:
+        connection = self.connection
+        if connection is None:
+            return
+        shard = self.shard
+        shard.server.receive(connection, data, shard.loop.time())
+        shard.flush()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        connection = self.connection
+        if connection is None:
+            return
+        shard = self.shard
+        if connection.state is not ConnectionState.CLOSED:
+            shard.server.peer_closed(connection, shard.loop.time())  # R-KILL-4
+            shard.flush()
+        connection.handle = None
+        self.connection = None
+
+    def pause_writing(self) -> None:
+        # The client is not reading: stop reading from it too, and let the core
+        # see the backlog so it drops non-priority packets for it.
+        transport, connection = self.transport, self.connection
+        if transport is None or connection is None:
+            return
+        connection.transport_backlog = transport.get_write_buffer_size()
+        transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        transport, connection = self.transport, self.connection
+        if transport is None or connection is None:
+            return
+        connection.transport_backlog = transport.get_write_buffer_size()
+        if not transport.is_closing():
+            transport.resume_reading()
+
+
+class Shard:
+    """The relay core, its listeners and its timer, on one event loop."""
+
+    def __init__(
+        self,
+        secret_key: bytes,
+        options: RelayOptions,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.loop = loop
+        self.options = options
+        self.server = RelayServer(secret_key, options)
+        self._servers: list[asyncio.AbstractServer] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self.refusals = 0
+
+    async def serve(self, sockets: Iterable[socket.socket]) -> None:
+        for sock in sockets:
+            server = await self.loop.create_server(lambda: ClientProtocol(self), sock=sock)
+            self._servers.append(server)
+        self._timer = self.loop.call_later(TICK_INTERVAL, self._tick)
+
+    def flush(self) -> None:
+        """Write every connection's new output; close what the core killed."""
+        server = self.server
+        for connection in server.take_dirty():
+            transport = connection.handle
+            if transport is None or connection.state is ConnectionState.CLOSED:
+                continue
+            outbox = connection.outbox
+            transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))  # type: ignore[attr-defined]
+            outbox.clear()
+            connection.outbox_size = 0
+            connection.transport_backlog = transport.get_write_buffer_size()  # type: ignore[attr-defined]
+        for connection in server.take_closed():
+            transport = connection.handle
+            if transport is not None:
+                transport.abort()  # type: ignore[attr-defined]  # R-KILL-1: queued output discarded
+
+    def _tick(self) -> None:
+        self.server.tick(self.loop.time())
+        self.flush()
+        self._timer = self.loop.call_later(TICK_INTERVAL, self._tick)
+
+    def note_refusal(self, reason: str, peer_ip: str) -> None:
+        self.refusals += 1
+        if self.refusals == 1 or self.refusals % 1000 == 0:
+            log.warning(
+                "refusing connections: %s (from %s; %d refused so far)",
+                reason,
+                peer_ip,
+                self.refusals,
+            )
+
+    async def stop(self) -> None:
+        """Stop accepting, close every connection, cancel the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+        for server in self._servers:
+            server.close()
+        server = self.server
+        for connection in [*server.by_key.values(), *server.pending]:
+            server.kill(connection, "shutdown")
+        self.flush()
+        for server_ in self._servers:
+            await server_.wait_closed()
