@@ -113,8 +113,10 @@ class Shard:
         secret_key: bytes,
         options: RelayOptions,
         loop: asyncio.AbstractEventLoop,
+        tick_interval: float = TICK_INTERVAL,
     ) -> None:
         self.loop = loop
+        self.tick_interval = tick_interval
         self.options = options
         self.server = RelayServer(secret_key, options)
         self._servers: list[asyncio.AbstractServer] = []
@@ -125,7 +127,7 @@ class Shard:
         for sock in sockets:
             server = await self.loop.create_server(lambda: ClientProtocol(self), sock=sock)
             self._servers.append(server)
-        self._timer = self.loop.call_later(TICK_INTERVAL, self._tick)
+        self._timer = self.loop.call_later(self.tick_interval, self._tick)
 
     def flush(self) -> None:
         """Write every connection's new output; close what the core killed."""
@@ -147,7 +149,7 @@ class Shard:
     def _tick(self) -> None:
         self.server.tick(self.loop.time())
         self.flush()
-        self._timer = self.loop.call_later(TICK_INTERVAL, self._tick)
+        self._timer = self.loop.call_later(self.tick_interval, self._tick)
 
     def note_refusal(self, reason: str, peer_ip: str) -> None:
         self.refusals += 1

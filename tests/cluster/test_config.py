@@ -1,0 +1,92 @@
+"""Configuration: the example file documents every key; a bad value names the key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cluster.config import CONFIG_KEYS, ConfigError, RelayConfig, load_config
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "ops" / "cluster.example.toml"
+
+
+def test_example_file_loads_with_the_defaults() -> None:
+    config = load_config(EXAMPLE, {})
+    defaults = RelayConfig()
+    assert config.keys_file == EXAMPLE.parent / "relay.keys"  # relative to the file
+    for key in CONFIG_KEYS:
+        if key != "keys_file":
+            assert getattr(config, key) == getattr(defaults, key), key
+
+
+def test_example_file_documents_every_key() -> None:
+    text = EXAMPLE.read_text()
+    for key in CONFIG_KEYS:
+        assert re.search(rf"^{key} = ", text, re.MULTILINE), f"{key} missing from the example"
+        # a comment right above the key explains it
+        block = text.split(f"\n{key} = ")[0].rstrip().splitlines()
+        assert block[-1].startswith("#"), f"{key} has no comment"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "relay.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('handshake_timeout = "ten"', "handshake_timeout: expected a number"),
+        ("handshake_timeout = -1", "handshake_timeout: -1 is out of range"),
+        ("ports = [70000]", "ports: 70000 is out of range"),
+        ("ports = []", "ports: expected a non-empty list"),
+        ("ports = [33445, 33445]", "lists a port twice"),
+        ('host = "example.org"', "host: 'example.org' is not an IPv4 or IPv6 address"),
+        ("workers = 0", "workers: 0 is out of range"),
+        ("max_connections_per_ip = true", "max_connections_per_ip: expected an integer"),
+        ('close_on_peer_eof = "yes"', "close_on_peer_eof: expected true or false"),
+        ('log_level = "loud"', "log_level: 'loud' is not one of"),
+        ("output_soft_limit = 100", "output_soft_limit: 100 is out of range"),
+        ("output_hard_limit = 4096", "output_hard_limit: 4096 is below output_soft_limit"),
+        ("max_conections = 3", "max_conections: unknown configuration key"),
+    ],
+)
+def test_bad_value_names_the_key(tmp_path: Path, line: str, message: str) -> None:
+    path = write(tmp_path, line + "\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, {})
+    assert str(raised.value).startswith(f"{path}: ")
+    assert message in str(raised.value)
+
+
+def test_invalid_toml_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "ports = [\n"), {})
+
+
+def test_missing_file_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such configuration file"):
+        load_config(tmp_path / "absent.toml", {})
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, 'host = "127.0.0.1"\nports = [1, 2]\nkeys_file = "a.keys"\n')
+    config = load_config(path, {"ports": [5], "keys_file": Path("/x/b.keys"), "host": None})
+    assert config.ports == (5,)
+    assert config.host == "127.0.0.1"
+    assert config.keys_file == Path("/x/b.keys")
+
+
+def test_bad_flag_value_names_the_key() -> None:
+    with pytest.raises(ConfigError, match="ports: 99999 is out of range"):
+        load_config(None, {"ports": [99999]})
+
+
+def test_relay_options_carry_the_limits(tmp_path: Path) -> None:
+    path = write(tmp_path, "max_connections_per_ip = 7\nhandshake_timeout = 2.5\n")
+    options = load_config(path, {}).relay_options()
+    assert options.max_connections_per_ip == 7
+    assert options.handshake_timeout == 2.5
