@@ -16,8 +16,8 @@ from relaycore.constants import (
     CRYPTO_NONCE_SIZE,
     TCP_SERVER_HANDSHAKE_SIZE,
 )
-from relaycore.crypto import beforenm, generate_keypair, public_key_of
-from relaycore.errors import ProtocolViolation
+from relaycore.crypto import CryptoError, beforenm, generate_keypair, public_key_of
+from relaycore.errors import HandshakeError, ProtocolViolation
 from relaycore.framing import SecureChannel
 from relaycore.handshake import make_client_hello, open_server_reply
 from relaycore.packets import Packet, Ping, Pong, decode_server_packet, encode
@@ -79,8 +79,12 @@ class ClientConnection:
             data = bytes(self._reply[TCP_SERVER_HANDSHAKE_SIZE:])
             self._reply.clear()
             server_half = open_server_reply(reply, self.secret_key, self.server_public_key)
+            try:  # beforenm fails for a low-order T_s such as all zeros
+                session_key = beforenm(server_half.temp_public_key, self._temp_sk)
+            except CryptoError:
+                raise HandshakeError("R-HS-5", "server temporary key unusable") from None
             self.channel = SecureChannel(
-                beforenm(server_half.temp_public_key, self._temp_sk),
+                session_key,
                 send_base_nonce=self._base_nonce,
                 recv_base_nonce=server_half.base_nonce,
             )

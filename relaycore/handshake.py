@@ -45,8 +45,8 @@ def open_client_hello(hello: bytes, server_sk: bytes) -> tuple[bytes, HandshakeH
     if len(hello) != TCP_CLIENT_HANDSHAKE_SIZE:
         raise HandshakeError("R-HS-1", f"hello is {len(hello)} bytes, not 128")
     client_pk = hello[:_PK]
-    handshake_key = beforenm(client_pk, server_sk)
-    try:
+    try:  # beforenm fails (CryptoError) for a low-order C such as all zeros
+        handshake_key = beforenm(client_pk, server_sk)
         plain = open_box(handshake_key, hello[_PK : _PK + _NONCE], hello[_PK + _NONCE :])
     except CryptoError:
         raise HandshakeError("R-HS-2", "client hello does not open") from None
@@ -64,8 +64,8 @@ def open_server_reply(reply: bytes, client_sk: bytes, server_pk: bytes) -> Hands
     """Client side: the server's half, or HandshakeError (wrong server key)."""
     if len(reply) != TCP_SERVER_HANDSHAKE_SIZE:
         raise HandshakeError("R-HS-4", f"reply is {len(reply)} bytes, not 96")
-    handshake_key = beforenm(server_pk, client_sk)
     try:
+        handshake_key = beforenm(server_pk, client_sk)
         plain = open_box(handshake_key, reply[:_NONCE], reply[_NONCE:])
     except CryptoError:
         raise HandshakeError("R-HS-2", "server reply does not open (wrong relay key?)") from None

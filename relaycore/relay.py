@@ -22,7 +22,7 @@ from relaycore.constants import (
     TCP_CLIENT_HANDSHAKE_SIZE,
     PacketId,
 )
-from relaycore.crypto import beforenm, generate_keypair, public_key_of
+from relaycore.crypto import CryptoError, beforenm, generate_keypair, public_key_of
 from relaycore.errors import ProtocolViolation
 from relaycore.framing import SecureChannel
 from relaycore.handshake import make_server_reply, open_client_hello
@@ -218,6 +218,8 @@ class RelayServer:
         """Timers: server pings, ping timeouts, handshake timeouts (§10)."""
         options = self.options
         for connection in list(self.by_key.values()):
+            if connection.state is not ConnectionState.CONFIRMED:
+                continue  # killed earlier in this loop (a peer's kill hit output_hard_limit)
             if now >= connection.last_pinged + options.ping_interval:  # R-PING-2
                 ping_id = self._random_bytes(SERVER_PING_ID_SIZE)
                 if ping_id == _ZERO_PING_ID:
@@ -241,12 +243,22 @@ class RelayServer:
         return dirty
 
     def take_closed(self) -> list[ServerConnection]:
-        """Connections the adapter must close (their outbox is discarded)."""
+        """Connections the adapter must close, after writing what is still in
+        their ``outbox`` and discarding whatever its transport could not send."""
         closed, self._closed = self._closed, []
         return closed
 
-    def kill(self, connection: ServerConnection, reason: str) -> None:
-        """Close one connection and tell its linked peers (R-KILL-1, R-KILL-5)."""
+    def kill(
+        self, connection: ServerConnection, reason: str, *, discard_output: bool = False
+    ) -> None:
+        """Close one connection and tell its linked peers (R-KILL-1, R-KILL-5).
+
+        Packets produced before the kill in the same call (a PONG to a frame
+        that preceded the bad one, the handshake reply) stay in ``outbox``:
+        tox-bootstrapd has sent them by the time it kills (R-ORDER-2). What the
+        transport still holds unsent is the 0.2.18 "queued output" and is
+        dropped by the adapter's abort. ``discard_output`` drops the outbox too.
+        """
         if connection.state is ConnectionState.CLOSED:
             return
         if connection.state is ConnectionState.CONFIRMED:
@@ -261,8 +273,9 @@ class RelayServer:
         connection.slot_of_key.clear()
         connection.state = ConnectionState.CLOSED
         connection.close_reason = reason
-        connection.outbox.clear()
-        connection.outbox_size = 0
+        if discard_output:
+            connection.outbox.clear()
+            connection.outbox_size = 0
         self.connections_per_ip[connection.peer_ip] -= 1
         if not self.connections_per_ip[connection.peer_ip]:
             del self.connections_per_ip[connection.peer_ip]
@@ -290,13 +303,18 @@ class RelayServer:
             return b""
         connection._hello = bytearray()
         temp_pk, temp_sk = self._keypair()
+        try:  # R-HS-5; beforenm fails for a low-order T_c such as all zeros
+            session_key = beforenm(client_half.temp_public_key, temp_sk)
+        except CryptoError:
+            self.kill(connection, "R-HS-2")  # no usable session: no reply
+            return b""
         base_nonce = self._random_bytes(24)
         reply = make_server_reply(
             self.secret_key, client_pk, temp_pk, base_nonce, self._random_bytes(24)
         )
         connection.public_key = client_pk
         connection.channel = SecureChannel(  # R-HS-5
-            beforenm(client_half.temp_public_key, temp_sk),
+            session_key,
             send_base_nonce=base_nonce,
             recv_base_nonce=client_half.base_nonce,
         )
@@ -380,6 +398,8 @@ class RelayServer:
             self._send_priority(connection, b"\x01\x00" + public_key)
             return
         self._send_priority(connection, bytes((1, index + NUM_RESERVED_PORTS)) + public_key)
+        if connection.state is ConnectionState.CLOSED:
+            return  # the reply passed output_hard_limit: no slot, no link
         slot = connection.slots[index] = Slot(public_key)
         connection.slot_of_key[public_key] = index
         other = self.by_key.get(public_key)  # R-ROUTE-6
@@ -392,10 +412,12 @@ class RelayServer:
         assert other_slot is not None
         if other_slot.state is not SlotState.REQUESTED:
             return
+        self._send_priority(connection, bytes((2, index + NUM_RESERVED_PORTS)))
+        if connection.state is ConnectionState.CLOSED:
+            return  # killed (output_hard_limit) before the link existed: O is not told
         slot.state = other_slot.state = SlotState.LINKED
         slot.peer, slot.peer_slot = other, other_index
         other_slot.peer, other_slot.peer_slot = connection, index
-        self._send_priority(connection, bytes((2, index + NUM_RESERVED_PORTS)))
         self._send_priority(other, bytes((2, other_index + NUM_RESERVED_PORTS)))
         self.stats["links"] += 1
 
@@ -434,8 +456,10 @@ class RelayServer:
     def _send_priority(self, connection: ServerConnection, plain: bytes) -> None:
         """R-OUT-1: never dropped; but a connection that lets it pile up past the
         hard limit is killed rather than allowed to eat memory."""
+        if connection.state is ConnectionState.CLOSED:
+            return
         if connection.unsent + len(plain) > self.options.output_hard_limit:
-            self.kill(connection, "output_hard_limit")
+            self.kill(connection, "output_hard_limit", discard_output=True)
             return
         self._append(connection, connection.channel.encrypt(plain))  # type: ignore[union-attr]
 

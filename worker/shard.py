@@ -134,9 +134,9 @@ class Shard:
         server = self.server
         for connection in server.take_dirty():
             transport = connection.handle
-            if transport is None or connection.state is ConnectionState.CLOSED:
-                continue
             outbox = connection.outbox
+            if transport is None or not outbox:
+                continue
             transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))  # type: ignore[attr-defined]
             outbox.clear()
             connection.outbox_size = 0
@@ -144,7 +144,9 @@ class Shard:
         for connection in server.take_closed():
             transport = connection.handle
             if transport is not None:
-                transport.abort()  # type: ignore[attr-defined]  # R-KILL-1: queued output discarded
+                # Written above: what the kernel took goes out; the rest of the
+                # transport's buffer is the queued output R-KILL-1 discards.
+                transport.abort()  # type: ignore[attr-defined]
 
     def _tick(self) -> None:
         self.server.tick(self.loop.time())
