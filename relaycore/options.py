@@ -28,3 +28,9 @@ class RelayOptions:
     output_hard_limit: int = 1024 * 1024
     ping_interval: float = 30.0  # R-PING-2
     ping_timeout: float = 10.0  # R-PING-4
+
+    def __post_init__(self) -> None:
+        # R-ORDER-1 checks "ping due" before "ping timed out": with a timeout
+        # that is not shorter than the interval, R-PING-4 could never fire.
+        if not 0 < self.ping_timeout < self.ping_interval:
+            raise ValueError("ping_timeout must be positive and shorter than ping_interval")

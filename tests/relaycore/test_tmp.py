@@ -1,3 +1,0 @@
-import relaycore.relay
-def test_x():
-    assert relaycore.relay.RelayServer
