@@ -1,0 +1,1 @@
+"""Interoperability tests: real toxcore clients (libtoxcore via ctypes) against our relay."""
