@@ -21,6 +21,9 @@ class ConfigError(Exception):
     """A configuration value is wrong; the message names the key."""
 
 
+_CORE_DEFAULTS = RelayOptions()
+
+
 @dataclass(frozen=True)
 class RelayConfig:
     keys_file: Path = Path("relay.keys")
@@ -28,30 +31,25 @@ class RelayConfig:
     ports: tuple[int, ...] = (33445,)
     workers: int = 1
     log_level: str = "info"
-    handshake_timeout: float = 10.0
-    close_on_peer_eof: bool = True
-    max_connections: int = 0
-    max_connections_per_ip: int = 0
-    max_unconfirmed: int = 1024
-    output_soft_limit: int = 64 * 1024
-    output_hard_limit: int = 1024 * 1024
+    # The relay core's tunables; their defaults live in RelayOptions.
+    handshake_timeout: float = _CORE_DEFAULTS.handshake_timeout
+    close_on_peer_eof: bool = _CORE_DEFAULTS.close_on_peer_eof
+    max_connections: int = _CORE_DEFAULTS.max_connections
+    max_connections_per_ip: int = _CORE_DEFAULTS.max_connections_per_ip
+    max_unconfirmed: int = _CORE_DEFAULTS.max_unconfirmed
+    output_soft_limit: int = _CORE_DEFAULTS.output_soft_limit
+    output_hard_limit: int = _CORE_DEFAULTS.output_hard_limit
     listen_backlog: int = 1024
     min_open_files: int = 4096
 
     def relay_options(self) -> RelayOptions:
-        return RelayOptions(
-            handshake_timeout=self.handshake_timeout,
-            close_on_peer_eof=self.close_on_peer_eof,
-            max_connections=self.max_connections,
-            max_connections_per_ip=self.max_connections_per_ip,
-            max_unconfirmed=self.max_unconfirmed,
-            output_soft_limit=self.output_soft_limit,
-            output_hard_limit=self.output_hard_limit,
-        )
+        """The RelayOptions fields this file configures (pings keep their defaults)."""
+        return replace(_CORE_DEFAULTS, **{key: getattr(self, key) for key in _CORE_KEYS})
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CONFIG_KEYS = tuple(f.name for f in fields(RelayConfig))
+_CORE_KEYS = tuple(f.name for f in fields(RelayOptions) if f.name in CONFIG_KEYS)
 
 
 def _type_name(value: object) -> str:
