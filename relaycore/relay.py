@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 
 from relaycore.constants import (
@@ -38,6 +39,7 @@ from relaycore.packets import (
     RoutingRequest,
     decode_client_packet,
 )
+from relaycore.shardlink import EPOCH_COUNTER_BITS, Epoch, Link, MapUpdate, Registry, ShardId
 
 _ZERO_PING_ID = bytes(SERVER_PING_ID_SIZE)
 
@@ -54,21 +56,36 @@ class SlotState(Enum):
     LINKED = "linked"  # both sides asked for each other
 
 
-class Slot:
-    """One of a connection's 240 routing slots (a free slot is ``None``)."""
+@dataclass(frozen=True, slots=True)
+class RemotePeer:
+    """The far end of a link to a client on another shard."""
 
-    __slots__ = ("public_key", "state", "peer", "peer_slot")
+    shard: ShardId
+    public_key: bytes
+    epoch: Epoch
+
+
+class Slot:
+    """One of a connection's 240 routing slots (a free slot is ``None``).
+
+    A LINKED slot points either at a local connection (``peer``, ``peer_slot``)
+    or at a client on another shard (``remote``).
+    """
+
+    __slots__ = ("public_key", "state", "peer", "peer_slot", "remote")
 
     def __init__(self, public_key: bytes) -> None:
         self.public_key = public_key
         self.state = SlotState.REQUESTED
         self.peer: ServerConnection | None = None
         self.peer_slot = -1
+        self.remote: RemotePeer | None = None
 
     def unlink(self) -> None:
         self.state = SlotState.REQUESTED
         self.peer = None
         self.peer_slot = -1
+        self.remote = None
 
 
 class ServerConnection:
@@ -85,6 +102,7 @@ class ServerConnection:
         "slots",
         "slot_of_key",
         "identifier",
+        "epoch",
         "last_pinged",
         "ping_id",
         "outbox",
@@ -106,6 +124,7 @@ class ServerConnection:
         self.slots: list[Slot | None] = [None] * NUM_CLIENT_CONNECTIONS
         self.slot_of_key: dict[bytes, int] = {}
         self.identifier = 0  # R-CONF-4, set on confirmation
+        self.epoch: Epoch = 0  # cluster-unique id of this connection, set on confirmation
         self.last_pinged = now
         self.ping_id = _ZERO_PING_ID
         self.outbox: list[bytes] = []  # bytes for the adapter to write, in order
@@ -142,7 +161,13 @@ class RelayServer:
         *,
         random_bytes: Callable[[int], bytes] = os.urandom,
         keypair: Callable[[], tuple[bytes, bytes]] = generate_keypair,
+        shard: ShardId | None = None,
+        incarnation: int = 0,
     ) -> None:
+        """``shard`` set = one shard of a cluster: the server then reports
+        registrations (``take_registry``), sends link messages for other shards
+        (``take_bus``) and accepts theirs (``receive_link``, ``apply_map_update``).
+        ``incarnation`` must be cluster-unique per server instance (epochs)."""
         self.secret_key = secret_key
         self.public_key = public_key_of(secret_key)
         self.options = options or RelayOptions()
@@ -157,6 +182,15 @@ class RelayServer:
         self._dirty: list[ServerConnection] = []
         self._closed: list[ServerConnection] = []
         self.stats: Counter[str] = Counter()
+        # Cluster state (unused with shard=None).
+        self.shard = shard
+        self.clustered = shard is not None
+        self._epoch_base = incarnation << EPOCH_COUNTER_BITS
+        self.directory: dict[bytes, RemotePeer] = {}  # replica of the routing map, other shards
+        self._remote_links: dict[RemotePeer, set[ServerConnection]] = {}
+        self._wanting: dict[bytes, set[ServerConnection]] = {}  # key -> local holders of a slot
+        self._bus: list[tuple[ShardId, tuple]] = []
+        self._registry: list[tuple] = []
 
     # ------------------------------------------------------------------
     # Adapter interface
@@ -263,10 +297,14 @@ class RelayServer:
             return
         if connection.state is ConnectionState.CONFIRMED:
             for slot in connection.slots:
-                if slot is not None and slot.state is SlotState.LINKED:
-                    self._unlink_peer(slot)
+                if slot is not None:
+                    self._release_slot(connection, slot)
             if self.by_key.get(connection.public_key) is connection:  # type: ignore[arg-type]
                 del self.by_key[connection.public_key]  # type: ignore[arg-type]
+            if self.clustered:
+                self._registry.append(
+                    (Registry.UNREGISTER, connection.public_key, connection.epoch)
+                )
         else:
             self.pending.discard(connection)
         connection.slots = [None] * NUM_CLIENT_CONNECTIONS
@@ -332,11 +370,14 @@ class RelayServer:
         self.pending.discard(connection)
         self._identifier += 1
         connection.identifier = self._identifier  # R-CONF-4
+        connection.epoch = self._epoch_base | self._identifier
         connection.last_pinged = now
         connection.ping_id = _ZERO_PING_ID
         connection.state = ConnectionState.CONFIRMED
         self.by_key[key] = connection
         self.stats["confirmed"] += 1
+        if self.clustered:
+            self._registry.append((Registry.REGISTER, key, connection.epoch))
 
     # ------------------------------------------------------------------
     # Packets (§8). The per-packet hot path is routed data, handled first;
@@ -350,8 +391,26 @@ class RelayServer:
             if slot is None:
                 raise ProtocolViolation("R-DATA-2", f"data for unused id {packet_id}")
             if slot.state is SlotState.LINKED:  # R-DATA-4
-                peer_id = slot.peer_slot + NUM_RESERVED_PORTS
-                self._send_nonpriority(slot.peer, bytes((peer_id,)) + plain[1:])  # type: ignore[arg-type]
+                peer = slot.peer
+                if peer is not None:
+                    peer_id = slot.peer_slot + NUM_RESERVED_PORTS
+                    self._send_nonpriority(peer, bytes((peer_id,)) + plain[1:])
+                else:  # linked to a client on another shard
+                    remote = slot.remote
+                    assert remote is not None
+                    self._bus.append(
+                        (
+                            remote.shard,
+                            (
+                                Link.DATA,
+                                connection.public_key,
+                                connection.epoch,
+                                remote.public_key,
+                                remote.epoch,
+                                plain[1:],
+                            ),
+                        )
+                    )
             else:
                 self.stats["dropped.not_linked"] += 1  # R-DATA-3
             return
@@ -368,7 +427,21 @@ class RelayServer:
                 connection.ping_id = _ZERO_PING_ID
         elif isinstance(packet, OobSend):
             destination = self.by_key.get(packet.destination)
-            if destination is None:
+            remote = self.directory.get(packet.destination) if destination is None else None
+            if remote is not None:
+                self._bus.append(
+                    (
+                        remote.shard,
+                        (
+                            Link.OOB,
+                            connection.public_key,
+                            remote.public_key,
+                            remote.epoch,
+                            packet.data,
+                        ),
+                    )
+                )
+            elif destination is None:
                 self.stats["dropped.oob_offline"] += 1  # R-OOB-3
             else:  # R-OOB-2
                 self._send_nonpriority(
@@ -402,8 +475,13 @@ class RelayServer:
             return  # the reply passed output_hard_limit: no slot, no link
         slot = connection.slots[index] = Slot(public_key)
         connection.slot_of_key[public_key] = index
+        if self.clustered:
+            self._wanting.setdefault(public_key, set()).add(connection)
         other = self.by_key.get(public_key)  # R-ROUTE-6
         if other is None:
+            remote = self.directory.get(public_key)
+            if remote is not None:  # on another shard: ask it (WANT)
+                self._send_want(connection, remote)
             return
         other_index = other.slot_of_key.get(connection.public_key)  # type: ignore[arg-type]
         if other_index is None:
@@ -427,10 +505,39 @@ class RelayServer:
             raise ProtocolViolation("R-DISC-2", f"disconnect for unused id {connection_id}")
         slot = connection.slots[index]
         assert slot is not None
-        if slot.state is SlotState.LINKED:  # R-DISC-3
-            self._unlink_peer(slot)
+        self._release_slot(connection, slot)  # R-DISC-3
         connection.slots[index] = None
         del connection.slot_of_key[slot.public_key]
+
+    def _release_slot(self, connection: ServerConnection, slot: Slot) -> None:
+        """The owner gives up ``slot`` (disconnect request or kill): a linked
+        peer, here or on another shard, gets its DISCONNECT_NOTIFICATION."""
+        if self.clustered:
+            holders = self._wanting.get(slot.public_key)
+            if holders is not None:
+                holders.discard(connection)
+                if not holders:
+                    del self._wanting[slot.public_key]
+        if slot.state is not SlotState.LINKED:
+            return
+        remote = slot.remote
+        if remote is None:
+            self._unlink_peer(slot)
+            return
+        self._forget_remote_link(remote, connection)
+        self._bus.append(
+            (
+                remote.shard,
+                (
+                    Link.UNLINK,
+                    connection.public_key,
+                    connection.epoch,
+                    remote.public_key,
+                    remote.epoch,
+                ),
+            )
+        )
+        slot.unlink()
 
     def _unlink_peer(self, slot: Slot) -> None:
         """The link of ``slot`` ends: the peer's slot reverts to REQUESTED and the
@@ -442,6 +549,213 @@ class RelayServer:
         peer_slot.unlink()
         slot.unlink()
         self._send_priority(peer, bytes((3, peer_index + NUM_RESERVED_PORTS)))
+
+    # ------------------------------------------------------------------
+    # Cluster: links to clients on other shards (docs/architecture.md)
+    # ------------------------------------------------------------------
+
+    def take_bus(self) -> list[tuple[ShardId, tuple]]:
+        """(destination shard, link message) pairs produced since the last call."""
+        bus, self._bus = self._bus, []
+        return bus
+
+    def take_registry(self) -> list[tuple]:
+        """REGISTER / UNREGISTER events for the coordinator since the last call."""
+        registry, self._registry = self._registry, []
+        return registry
+
+    def registrations(self) -> list[tuple[bytes, Epoch]]:
+        """Every confirmed key and its epoch (to rebuild a restarted coordinator)."""
+        return [(key, connection.epoch) for key, connection in self.by_key.items()]
+
+    def _local(self, public_key: bytes, epoch: Epoch) -> ServerConnection | None:
+        """The local connection with this key *and* epoch; None means stale."""
+        connection = self.by_key.get(public_key)
+        if connection is None or connection.epoch != epoch:
+            self.stats["dropped.stale_epoch"] += 1
+            return None
+        return connection
+
+    def receive_link(self, from_shard: ShardId, message: tuple, now: float) -> None:
+        """A link message from another shard (handlers are idempotent)."""
+        kind = message[0]
+        if kind == Link.DATA:
+            _, from_pk, from_epoch, to_pk, to_epoch, payload = message
+            connection = self._local(to_pk, to_epoch)
+            if connection is None:
+                return
+            index = connection.slot_of_key.get(from_pk)
+            slot = connection.slots[index] if index is not None else None
+            remote = slot.remote if slot is not None else None
+            if remote is None or remote.epoch != from_epoch or remote.shard != from_shard:
+                self.stats["dropped.stale_link"] += 1
+                return
+            self._send_nonpriority(connection, bytes((index + NUM_RESERVED_PORTS,)) + payload)  # type: ignore[operator]
+        elif kind == Link.OOB:
+            _, from_pk, to_pk, to_epoch, data = message
+            connection = self._local(to_pk, to_epoch)
+            if connection is not None:  # R-OOB-2
+                self._send_nonpriority(connection, b"\x07" + from_pk + data)
+        elif kind == Link.WANT:
+            _, from_pk, from_epoch, to_pk, to_epoch = message
+            self._linked_by_remote(
+                RemotePeer(from_shard, from_pk, from_epoch), to_pk, to_epoch, answer=True
+            )
+        elif kind == Link.LINKED:
+            _, from_pk, from_epoch, to_pk, to_epoch = message
+            self._linked_by_remote(
+                RemotePeer(from_shard, from_pk, from_epoch), to_pk, to_epoch, answer=False
+            )
+        elif kind == Link.UNLINK:
+            _, from_pk, from_epoch, to_pk, to_epoch = message
+            self._end_remote_links(
+                RemotePeer(from_shard, from_pk, from_epoch), only=(to_pk, to_epoch)
+            )
+
+    def apply_map_update(self, update: tuple) -> None:
+        """One sequenced update of the routing map from the coordinator."""
+        kind = update[0]
+        if kind == MapUpdate.SET:
+            _, public_key, shard, epoch, replaced_shard, replaced_epoch = update
+            if replaced_epoch is not None:
+                if replaced_shard == self.shard:  # R-CONF-3 across shards: newest wins
+                    old = self.by_key.get(public_key)
+                    if old is not None and old.epoch == replaced_epoch:
+                        self.kill(old, "R-CONF-3")
+                else:
+                    self._end_remote_links(RemotePeer(replaced_shard, public_key, replaced_epoch))
+            if shard == self.shard:
+                self.directory.pop(public_key, None)
+                return
+            remote = self.directory[public_key] = RemotePeer(shard, public_key, epoch)
+            for connection in list(self._wanting.get(public_key, ())):
+                index = connection.slot_of_key[public_key]
+                slot = connection.slots[index]
+                if slot is not None and slot.state is SlotState.REQUESTED:
+                    self._send_want(connection, remote)  # requests that crossed converge
+        elif kind == MapUpdate.DEL:
+            _, public_key, shard, epoch = update
+            current = self.directory.get(public_key)
+            if current is not None and current.epoch == epoch:
+                del self.directory[public_key]
+            if shard != self.shard:
+                self._end_remote_links(RemotePeer(shard, public_key, epoch))
+        elif kind == MapUpdate.DROP_SHARD:
+            _, shard = update
+            for public_key, remote in list(self.directory.items()):
+                if remote.shard == shard:
+                    del self.directory[public_key]
+            for remote in [r for r in self._remote_links if r.shard == shard]:
+                self._end_remote_links(remote)
+
+    def reset_directory(self, entries: list[tuple[bytes, ShardId, Epoch]]) -> None:
+        """Replace the replica with a snapshot (after a gap in the updates).
+
+        Links to remote epochs that the snapshot no longer holds end, exactly
+        as if their DEL had been received."""
+        self.directory = {
+            key: RemotePeer(shard, key, epoch)
+            for key, shard, epoch in entries
+            if shard != self.shard
+        }
+        live = set(self.directory.values())
+        for remote in [r for r in self._remote_links if r not in live]:
+            self._end_remote_links(remote)
+        for public_key, remote in self.directory.items():
+            self.apply_map_update(
+                (MapUpdate.SET, public_key, remote.shard, remote.epoch, None, None)
+            )
+
+    def _send_want(self, connection: ServerConnection, remote: RemotePeer) -> None:
+        self._bus.append(
+            (
+                remote.shard,
+                (
+                    Link.WANT,
+                    connection.public_key,
+                    connection.epoch,
+                    remote.public_key,
+                    remote.epoch,
+                ),
+            )
+        )
+
+    def _linked_by_remote(
+        self, remote: RemotePeer, to_pk: bytes, to_epoch: Epoch, *, answer: bool
+    ) -> None:
+        """WANT (answer=True) or LINKED from ``remote`` for our client ``to_pk``."""
+        connection = self._local(to_pk, to_epoch)
+        if connection is None:
+            return
+        index = connection.slot_of_key.get(remote.public_key)
+        if index is None:  # our client does not want theirs (R-ROUTE-7)
+            if not answer:  # it gave the slot up meanwhile: end their side too
+                self._bus.append(
+                    (remote.shard, (Link.UNLINK, to_pk, to_epoch, remote.public_key, remote.epoch))
+                )
+            return
+        slot = connection.slots[index]
+        assert slot is not None
+        if slot.state is SlotState.LINKED:
+            if slot.remote == remote:
+                if answer:  # requests crossed; the other side may still wait
+                    self._send_linked(connection, remote)
+                return
+            if slot.remote is None:
+                self.stats["dropped.link_conflict"] += 1  # linked locally to the same key
+                return
+            # Linked to an older connection of that key: that link ends first.
+            old = slot.remote
+            self._bus.append((old.shard, (Link.UNLINK, to_pk, to_epoch, old.public_key, old.epoch)))
+            self._end_remote_link(connection, index, old)
+        slot.state = SlotState.LINKED
+        slot.remote = remote
+        self._remote_links.setdefault(remote, set()).add(connection)
+        self._send_priority(connection, bytes((2, index + NUM_RESERVED_PORTS)))  # R-ROUTE-6
+        self.stats["links"] += 1
+        if answer:
+            self._send_linked(connection, remote)
+
+    def _send_linked(self, connection: ServerConnection, remote: RemotePeer) -> None:
+        self._bus.append(
+            (
+                remote.shard,
+                (
+                    Link.LINKED,
+                    connection.public_key,
+                    connection.epoch,
+                    remote.public_key,
+                    remote.epoch,
+                ),
+            )
+        )
+
+    def _end_remote_links(
+        self, remote: RemotePeer, only: tuple[bytes, Epoch] | None = None
+    ) -> None:
+        """The remote end is gone: each local slot linked to it reverts to
+        REQUESTED and its owner gets one DISCONNECT_NOTIFICATION (R-KILL-1)."""
+        for connection in list(self._remote_links.get(remote, ())):
+            if only is not None and (connection.public_key, connection.epoch) != only:
+                continue
+            index = connection.slot_of_key[remote.public_key]
+            self._end_remote_link(connection, index, remote)
+
+    def _end_remote_link(
+        self, connection: ServerConnection, index: int, remote: RemotePeer
+    ) -> None:
+        slot = connection.slots[index]
+        assert slot is not None and slot.remote == remote
+        slot.unlink()
+        self._forget_remote_link(remote, connection)
+        self._send_priority(connection, bytes((3, index + NUM_RESERVED_PORTS)))
+
+    def _forget_remote_link(self, remote: RemotePeer, connection: ServerConnection) -> None:
+        holders = self._remote_links.get(remote)
+        if holders is not None:
+            holders.discard(connection)
+            if not holders:
+                del self._remote_links[remote]
 
     # ------------------------------------------------------------------
     # Output (§13)

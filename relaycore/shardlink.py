@@ -1,0 +1,52 @@
+"""Messages between relay shards and the routing map, as plain tuples
+(msgpack-friendly; tcp-relay-protocol.md has no say here, the design card's
+"Links across shards" section does).
+
+Link messages travel on the peer bus between two shards, in order per pair
+of shards; each names the epochs of both ends, so a message about an old
+connection never reaches a newer one with the same key:
+
+    (WANT,   from_pk, from_epoch, to_pk, to_epoch)           my client wants yours
+    (LINKED, from_pk, from_epoch, to_pk, to_epoch)           yours is linked to mine
+    (UNLINK, from_pk, from_epoch, to_pk, to_epoch)           that link has ended
+    (DATA,   from_pk, from_epoch, to_pk, to_epoch, payload)  routed data (R-DATA-4)
+    (OOB,    from_pk, to_pk, to_epoch, data)                 OOB (R-OOB-2)
+
+Registry events go from a shard to the coordinator:
+
+    (REGISTER, pk, epoch)      a connection was confirmed
+    (UNREGISTER, pk, epoch)    it ended
+
+Map updates come from the coordinator, in sequence, to every shard:
+
+    (SET, pk, shard, epoch, replaced_shard, replaced_epoch)   (replaced_* None if new)
+    (DEL, pk, shard, epoch)
+    (DROP_SHARD, shard)                                       every key of a dead shard
+"""
+
+from enum import IntEnum
+
+ShardId = int
+# A cluster-unique id of one client connection: (shard incarnation << 32) | counter.
+Epoch = int
+
+EPOCH_COUNTER_BITS = 32
+
+
+class Link(IntEnum):
+    WANT = 1
+    LINKED = 2
+    UNLINK = 3
+    DATA = 4
+    OOB = 5
+
+
+class Registry(IntEnum):
+    REGISTER = 1
+    UNREGISTER = 2
+
+
+class MapUpdate(IntEnum):
+    SET = 1
+    DEL = 2
+    DROP_SHARD = 3
