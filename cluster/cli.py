@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -31,8 +32,11 @@ def _cmd_pubkey(args: argparse.Namespace) -> int:
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
-    # Imported here so `cluster keygen` works without uvloop's start-up cost.
-    from worker.process import ListenSpec, bind_listeners, raise_open_file_limit, run_shard
+    # Imported here so `cluster keygen` works without uvloop's and zmq's start-up cost.
+    import uvloop
+
+    from cluster.supervisor import StartupError, Supervisor
+    from worker.process import raise_open_file_limit
 
     overrides = {
         "keys_file": args.keys,
@@ -40,35 +44,33 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "ports": args.port,
         "workers": args.workers,
         "log_level": args.log_level,
+        "shard_ports": True if args.shard_ports else None,
     }
     config = load_config(args.config, overrides)
     logging.getLogger().setLevel(config.log_level.upper())
-    if config.workers != 1:
-        raise ConfigError(
-            f"workers: {config.workers} shards are not supported yet; this build runs one (use 1)"
-        )
     identity, created = load_or_create_keys(config.keys_file)
     if created:
         log.info("created a new keys file %s (mode 0600)", config.keys_file)
-    raise_open_file_limit(config.min_open_files)
-    sockets = bind_listeners(ListenSpec(config.host, config.ports, config.listen_backlog))
+    raise_open_file_limit(config.min_open_files)  # the workers inherit it
     log.info(
-        "config: handshake_timeout=%ss max_connections=%d per_ip=%d max_unconfirmed=%d",
+        "config: workers=%d handshake_timeout=%ss max_connections=%d per_ip=%d max_unconfirmed=%d",
+        config.workers or (os.cpu_count() or 1),
         config.handshake_timeout,
         config.max_connections,
         config.max_connections_per_ip,
         config.max_unconfirmed,
     )
 
-    def announce(addresses: list[str]) -> None:
-        _print(f"Public Key: {identity.public_key_hex}")
-        for address in addresses:
-            _print(f"Listening on {address}")
-        _print(f"Relay ready: {config.workers} worker, {len(addresses)} listening address(es)")
+    async def supervise() -> int:
+        return await Supervisor(config, identity, _print).run()
 
-    run_shard(identity.secret_key, config.relay_options(), sockets, announce)
+    try:
+        code = uvloop.run(supervise())
+    except StartupError as error:
+        print(f"cluster: error: {error}", file=sys.stderr)
+        return 1
     log.info("stopped")
-    return 0
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
         "common extras; 0 = any free port)",
     )
     start.add_argument(
-        "--workers", type=int, metavar="N", help="number of relay shards (this build: 1)"
+        "--workers",
+        type=int,
+        metavar="N",
+        help="number of worker processes (relay shards); default: one per CPU",
+    )
+    start.add_argument(
+        "--shard-ports",
+        action="store_true",
+        help="testing/diagnostics: each worker also listens on a private port of its own "
+        "(printed as 'Shard N ... direct address'), to reach one shard on purpose",
     )
     start.add_argument(
         "--log-level",

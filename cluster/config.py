@@ -29,7 +29,7 @@ class RelayConfig:
     keys_file: Path = Path("relay.keys")
     host: str = "0.0.0.0"
     ports: tuple[int, ...] = (33445,)
-    workers: int = 1
+    workers: int = 0  # 0 = one per CPU
     log_level: str = "info"
     # The relay core's tunables; their defaults live in RelayOptions.
     handshake_timeout: float = _CORE_DEFAULTS.handshake_timeout
@@ -41,6 +41,7 @@ class RelayConfig:
     output_hard_limit: int = _CORE_DEFAULTS.output_hard_limit
     listen_backlog: int = 1024
     min_open_files: int = 4096
+    shard_ports: bool = False
 
     def relay_options(self) -> RelayOptions:
         """The RelayOptions fields this file configures (pings keep their defaults)."""
@@ -104,7 +105,9 @@ def _validate(key: str, value: object) -> object:
                 raise ConfigError(f"ports: {list(ports)} lists a port twice")
             return ports
         case "workers":
-            return _int(key, value, 1, 1024)
+            return _int(key, value, 0, 1024)
+        case "shard_ports":
+            return _bool(key, value)
         case "log_level":
             if value not in LOG_LEVELS:
                 raise ConfigError(f"log_level: {value!r} is not one of {', '.join(LOG_LEVELS)}")

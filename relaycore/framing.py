@@ -41,6 +41,10 @@ class SecureChannel:
         boxed = crypto_box_afternm(plain, nonce.to_bytes(24, "big"), self.key)
         return len(boxed).to_bytes(2, "big") + boxed
 
+    def hold(self, data: bytes) -> None:
+        """Keep bytes for a later ``receive`` without parsing them now."""
+        self._buffer += data
+
     def receive(self, data: bytes) -> Iterator[bytes]:
         """Feed stream bytes; yield each complete frame's plaintext in order.
 

@@ -42,6 +42,12 @@ from relaycore.packets import (
 from relaycore.shardlink import EPOCH_COUNTER_BITS, Epoch, Link, MapUpdate, Registry, ShardId
 
 _ZERO_PING_ID = bytes(SERVER_PING_ID_SIZE)
+# Seconds a connection waits for another shard to answer its routing request
+# before it reads on anyway (a dead shard is also dropped by the coordinator).
+LINK_ANSWER_TIMEOUT = 2.0
+# Seconds a link to a connection that the map says is gone may wait for that
+# shard's own UNLINK before it is ended anyway.
+UNLINK_GRACE = 1.0
 
 
 class ConnectionState(Enum):
@@ -103,6 +109,8 @@ class ServerConnection:
         "slot_of_key",
         "identifier",
         "epoch",
+        "waiting_for",
+        "waiting_since",
         "last_pinged",
         "ping_id",
         "outbox",
@@ -125,6 +133,11 @@ class ServerConnection:
         self.slot_of_key: dict[bytes, int] = {}
         self.identifier = 0  # R-CONF-4, set on confirmation
         self.epoch: Epoch = 0  # cluster-unique id of this connection, set on confirmation
+        # While a routing request waits for the other shard's answer, this
+        # connection's later frames stay unread, so its clients sees events in
+        # the order one process would produce them (equivalence invariant).
+        self.waiting_for: RemotePeer | None = None
+        self.waiting_since = 0.0
         self.last_pinged = now
         self.ping_id = _ZERO_PING_ID
         self.outbox: list[bytes] = []  # bytes for the adapter to write, in order
@@ -188,6 +201,10 @@ class RelayServer:
         self._epoch_base = incarnation << EPOCH_COUNTER_BITS
         self.directory: dict[bytes, RemotePeer] = {}  # replica of the routing map, other shards
         self._remote_links: dict[RemotePeer, set[ServerConnection]] = {}
+        self.peer_shards: set[ShardId] = set()  # the other live shards (coordinator's view)
+        self._waiting: set[ServerConnection] = set()  # connections waiting for an answer
+        self._clock = 0.0  # the latest `now` seen, for map updates (which carry none)
+        self._doomed: dict[RemotePeer, float] = {}
         self._wanting: dict[bytes, set[ServerConnection]] = {}  # key -> local holders of a slot
         self._bus: list[tuple[ShardId, tuple]] = []
         self._registry: list[tuple] = []
@@ -221,6 +238,7 @@ class RelayServer:
 
     def receive(self, connection: ServerConnection, data: bytes, now: float) -> None:
         """Bytes arrived from a client; handle every complete frame in order."""
+        self._clock = now
         if connection.state is ConnectionState.CLOSED:
             return
         if connection.state is ConnectionState.INCOMING:
@@ -229,6 +247,9 @@ class RelayServer:
                 return
         channel = connection.channel
         assert channel is not None
+        if connection.waiting_for is not None:
+            channel.hold(data)
+            return
         try:
             for plain in channel.receive(data):
                 if connection.state is ConnectionState.UNCONFIRMED:
@@ -236,6 +257,8 @@ class RelayServer:
                 self._handle_packet(connection, plain, now)
                 if connection.state is ConnectionState.CLOSED:
                     return
+                if connection.waiting_for is not None:
+                    break  # the rest waits for the other shard's answer
         except ProtocolViolation as violation:
             self.kill(connection, violation.rule)
 
@@ -250,6 +273,7 @@ class RelayServer:
 
     def tick(self, now: float) -> None:
         """Timers: server pings, ping timeouts, handshake timeouts (§10)."""
+        self._clock = now
         options = self.options
         for connection in list(self.by_key.values()):
             if connection.state is not ConnectionState.CONFIRMED:
@@ -266,6 +290,17 @@ class RelayServer:
                 and now >= connection.last_pinged + options.ping_timeout
             ):
                 self.kill(connection, "R-PING-4")
+        for remote, deadline in list(self._doomed.items()):
+            if now >= deadline:
+                del self._doomed[remote]
+                if remote in self._remote_links:
+                    self.stats["unlinked_by_map"] += 1
+                    self._end_remote_links(remote)
+        for connection in [
+            c for c in self._waiting if now - c.waiting_since >= LINK_ANSWER_TIMEOUT
+        ]:
+            self.stats["link_answer_timeout"] += 1  # that shard is stuck or gone
+            self._stop_waiting(connection, now)
         if options.handshake_timeout:
             deadline = now - options.handshake_timeout
             for connection in [c for c in self.pending if c.opened_at <= deadline]:
@@ -309,6 +344,8 @@ class RelayServer:
             self.pending.discard(connection)
         connection.slots = [None] * NUM_CLIENT_CONNECTIONS
         connection.slot_of_key.clear()
+        connection.waiting_for = None
+        self._waiting.discard(connection)
         connection.state = ConnectionState.CLOSED
         connection.close_reason = reason
         if discard_output:
@@ -396,28 +433,14 @@ class RelayServer:
                     peer_id = slot.peer_slot + NUM_RESERVED_PORTS
                     self._send_nonpriority(peer, bytes((peer_id,)) + plain[1:])
                 else:  # linked to a client on another shard
-                    remote = slot.remote
-                    assert remote is not None
-                    self._bus.append(
-                        (
-                            remote.shard,
-                            (
-                                Link.DATA,
-                                connection.public_key,
-                                connection.epoch,
-                                remote.public_key,
-                                remote.epoch,
-                                plain[1:],
-                            ),
-                        )
-                    )
+                    self._send_remote_data(connection, slot.remote, plain[1:])  # type: ignore[arg-type]
             else:
                 self.stats["dropped.not_linked"] += 1  # R-DATA-3
             return
         packet = decode_client_packet(plain)
         self.stats[f"packets_in.{PacketId(packet_id).name.lower()}"] += 1
         if isinstance(packet, RoutingRequest):
-            self._route_request(connection, packet.public_key)
+            self._route_request(connection, packet.public_key, now)
         elif isinstance(packet, Ping):  # R-PING-1
             self._send_priority(connection, b"\x05" + packet.ping_id)
         elif isinstance(packet, Pong):  # R-PING-3
@@ -426,28 +449,7 @@ class RelayServer:
             if packet.ping_id == connection.ping_id:
                 connection.ping_id = _ZERO_PING_ID
         elif isinstance(packet, OobSend):
-            destination = self.by_key.get(packet.destination)
-            remote = self.directory.get(packet.destination) if destination is None else None
-            if remote is not None:
-                self._bus.append(
-                    (
-                        remote.shard,
-                        (
-                            Link.OOB,
-                            connection.public_key,
-                            remote.public_key,
-                            remote.epoch,
-                            packet.data,
-                        ),
-                    )
-                )
-            elif destination is None:
-                self.stats["dropped.oob_offline"] += 1  # R-OOB-3
-            else:  # R-OOB-2
-                self._send_nonpriority(
-                    destination,
-                    b"\x07" + connection.public_key + packet.data,  # type: ignore[operator]
-                )
+            self._oob_send(connection, packet.destination, packet.data)
         elif isinstance(packet, DisconnectNotification):
             self._disconnect_request(connection, packet.connection_id)
         elif isinstance(packet, ConnectNotification):
@@ -457,7 +459,35 @@ class RelayServer:
             # is not built yet, so they go nowhere.
             self.stats["dropped.onion_not_forwarded"] += 1
 
-    def _route_request(self, connection: ServerConnection, public_key: bytes) -> None:
+    def _oob_send(self, connection: ServerConnection, destination: bytes, data: bytes) -> None:
+        sender = connection.public_key
+        assert sender is not None
+        local = self.by_key.get(destination)
+        if local is not None:  # R-OOB-2
+            self._send_nonpriority(local, b"\x07" + sender + data)
+            return
+        remote = self.directory.get(destination)
+        if remote is not None:
+            self._bus.append((remote.shard, (Link.OOB, sender, destination, remote.epoch, data)))
+        elif self.peer_shards:
+            # Not in our replica: the key may have registered on another shard a
+            # moment ago, so each shard delivers it if it holds the key (epoch None).
+            message = (Link.OOB, sender, destination, None, data)
+            self._bus.extend((shard, message) for shard in self.peer_shards)
+            self.stats["oob_broadcast"] += 1
+        else:
+            self.stats["dropped.oob_offline"] += 1  # R-OOB-3
+
+    def _send_remote_data(
+        self, connection: ServerConnection, remote: RemotePeer, payload: bytes
+    ) -> None:
+        message = (
+            Link.DATA, connection.public_key, connection.epoch,
+            remote.public_key, remote.epoch, payload,
+        )  # fmt: skip
+        self._bus.append((remote.shard, message))
+
+    def _route_request(self, connection: ServerConnection, public_key: bytes, now: float) -> None:
         if public_key == connection.public_key:  # R-ROUTE-2
             self._send_priority(connection, b"\x01\x00" + public_key)
             return
@@ -480,8 +510,11 @@ class RelayServer:
         other = self.by_key.get(public_key)  # R-ROUTE-6
         if other is None:
             remote = self.directory.get(public_key)
-            if remote is not None:  # on another shard: ask it (WANT)
+            if remote is not None:  # on another shard: ask it, wait for the answer
                 self._send_want(connection, remote)
+                connection.waiting_for = remote
+                connection.waiting_since = now
+                self._waiting.add(connection)
             return
         other_index = other.slot_of_key.get(connection.public_key)  # type: ignore[arg-type]
         if other_index is None:
@@ -525,18 +558,7 @@ class RelayServer:
             self._unlink_peer(slot)
             return
         self._forget_remote_link(remote, connection)
-        self._bus.append(
-            (
-                remote.shard,
-                (
-                    Link.UNLINK,
-                    connection.public_key,
-                    connection.epoch,
-                    remote.public_key,
-                    remote.epoch,
-                ),
-            )
-        )
+        self._send_link(Link.UNLINK, connection.public_key, connection.epoch, remote)  # type: ignore[arg-type]
         slot.unlink()
 
     def _unlink_peer(self, slot: Slot) -> None:
@@ -578,6 +600,7 @@ class RelayServer:
 
     def receive_link(self, from_shard: ShardId, message: tuple, now: float) -> None:
         """A link message from another shard (handlers are idempotent)."""
+        self._clock = now
         kind = message[0]
         if kind == Link.DATA:
             _, from_pk, from_epoch, to_pk, to_epoch, payload = message
@@ -593,19 +616,23 @@ class RelayServer:
             self._send_nonpriority(connection, bytes((index + NUM_RESERVED_PORTS,)) + payload)  # type: ignore[operator]
         elif kind == Link.OOB:
             _, from_pk, to_pk, to_epoch, data = message
-            connection = self._local(to_pk, to_epoch)
+            if to_epoch is None:  # a broadcast: delivered by whoever holds the key
+                connection = self.by_key.get(to_pk)
+                if connection is None:
+                    self.stats["dropped.oob_offline"] += 1  # R-OOB-3
+            else:
+                connection = self._local(to_pk, to_epoch)
             if connection is not None:  # R-OOB-2
                 self._send_nonpriority(connection, b"\x07" + from_pk + data)
-        elif kind == Link.WANT:
+        elif kind == Link.WANT or kind == Link.LINKED:
             _, from_pk, from_epoch, to_pk, to_epoch = message
-            self._linked_by_remote(
-                RemotePeer(from_shard, from_pk, from_epoch), to_pk, to_epoch, answer=True
-            )
-        elif kind == Link.LINKED:
+            remote = RemotePeer(from_shard, from_pk, from_epoch)
+            self._linked_by_remote(remote, to_pk, to_epoch, answer=kind == Link.WANT, now=now)
+        elif kind == Link.NOLINK:
             _, from_pk, from_epoch, to_pk, to_epoch = message
-            self._linked_by_remote(
-                RemotePeer(from_shard, from_pk, from_epoch), to_pk, to_epoch, answer=False
-            )
+            connection = self._local(to_pk, to_epoch)
+            if connection is not None:
+                self._answer_arrived(connection, RemotePeer(from_shard, from_pk, from_epoch), now)
         elif kind == Link.UNLINK:
             _, from_pk, from_epoch, to_pk, to_epoch = message
             self._end_remote_links(
@@ -623,7 +650,7 @@ class RelayServer:
                     if old is not None and old.epoch == replaced_epoch:
                         self.kill(old, "R-CONF-3")
                 else:
-                    self._end_remote_links(RemotePeer(replaced_shard, public_key, replaced_epoch))
+                    self._doom(RemotePeer(replaced_shard, public_key, replaced_epoch))
             if shard == self.shard:
                 self.directory.pop(public_key, None)
                 return
@@ -639,74 +666,96 @@ class RelayServer:
             if current is not None and current.epoch == epoch:
                 del self.directory[public_key]
             if shard != self.shard:
-                self._end_remote_links(RemotePeer(shard, public_key, epoch))
+                self._doom(RemotePeer(shard, public_key, epoch))
         elif kind == MapUpdate.DROP_SHARD:
             _, shard = update
+            self.peer_shards.discard(shard)
             for public_key, remote in list(self.directory.items()):
                 if remote.shard == shard:
                     del self.directory[public_key]
             for remote in [r for r in self._remote_links if r.shard == shard]:
                 self._end_remote_links(remote)
+            for connection in [c for c in self._waiting if c.waiting_for.shard == shard]:  # type: ignore[union-attr]
+                self._stop_waiting(connection, self._clock)
 
-    def reset_directory(self, entries: list[tuple[bytes, ShardId, Epoch]]) -> None:
-        """Replace the replica with a snapshot (after a gap in the updates).
+    def reset_directory(
+        self, entries: list[tuple[bytes, ShardId, Epoch]], merge: bool = False
+    ) -> None:
+        """Load a snapshot of the routing map.
 
-        Links to remote epochs that the snapshot no longer holds end, exactly
-        as if their DEL had been received."""
-        self.directory = {
+        After a gap in the updates (``merge=False``) the snapshot replaces the
+        replica, and links to remote epochs it no longer holds end exactly as
+        if their DEL had been received. After a coordinator restart
+        (``merge=True``) the snapshot may still be filling up, so it only adds.
+        """
+        snapshot = {
             key: RemotePeer(shard, key, epoch)
             for key, shard, epoch in entries
             if shard != self.shard
         }
-        live = set(self.directory.values())
-        for remote in [r for r in self._remote_links if r not in live]:
-            self._end_remote_links(remote)
-        for public_key, remote in self.directory.items():
-            self.apply_map_update(
-                (MapUpdate.SET, public_key, remote.shard, remote.epoch, None, None)
-            )
+        if not merge:
+            self.directory = {}
+            live = set(snapshot.values())
+            for remote in [r for r in self._remote_links if r not in live]:
+                self._end_remote_links(remote)
+        for public_key, remote in snapshot.items():
+            if self.directory.get(public_key) != remote:
+                self.apply_map_update(
+                    (MapUpdate.SET, public_key, remote.shard, remote.epoch, None, None)
+                )
+
+    def _doom(self, remote: RemotePeer) -> None:
+        """The map says ``remote`` is gone. Its own shard sends UNLINK over the
+        bus, ordered after the data it relayed just before; the map update may
+        overtake both, so links to it end only if still there after a grace
+        period (a backup for an UNLINK the bus dropped)."""
+        if remote in self._remote_links:
+            self._doomed[remote] = self._clock + UNLINK_GRACE
+
+    def set_peer_shards(self, shards: list[ShardId]) -> None:
+        """The live shards of the cluster, as the coordinator last listed them."""
+        self.peer_shards = {shard for shard in shards if shard != self.shard}
+
+    def _send_link(self, kind: Link, from_pk: bytes, from_epoch: Epoch, to: RemotePeer) -> None:
+        """WANT / LINKED / NOLINK / UNLINK from our (from_pk, from_epoch) to ``to``."""
+        self._bus.append((to.shard, (kind, from_pk, from_epoch, to.public_key, to.epoch)))
 
     def _send_want(self, connection: ServerConnection, remote: RemotePeer) -> None:
-        self._bus.append(
-            (
-                remote.shard,
-                (
-                    Link.WANT,
-                    connection.public_key,
-                    connection.epoch,
-                    remote.public_key,
-                    remote.epoch,
-                ),
-            )
-        )
+        self._send_link(Link.WANT, connection.public_key, connection.epoch, remote)  # type: ignore[arg-type]
 
     def _linked_by_remote(
-        self, remote: RemotePeer, to_pk: bytes, to_epoch: Epoch, *, answer: bool
+        self, remote: RemotePeer, to_pk: bytes, to_epoch: Epoch, *, answer: bool, now: float
     ) -> None:
-        """WANT (answer=True) or LINKED from ``remote`` for our client ``to_pk``."""
+        """WANT (answer=True) or LINKED from ``remote`` for our client ``to_pk``.
+
+        A WANT is always answered, LINKED or NOLINK, because the requester's
+        connection waits for the answer before reading its next frame."""
         connection = self._local(to_pk, to_epoch)
         if connection is None:
+            if answer:
+                self._send_link(Link.NOLINK, to_pk, to_epoch, remote)
             return
         index = connection.slot_of_key.get(remote.public_key)
         if index is None:  # our client does not want theirs (R-ROUTE-7)
-            if not answer:  # it gave the slot up meanwhile: end their side too
-                self._bus.append(
-                    (remote.shard, (Link.UNLINK, to_pk, to_epoch, remote.public_key, remote.epoch))
-                )
+            # (LINKED for a slot given up meanwhile: end their side too.)
+            self._send_link(Link.NOLINK if answer else Link.UNLINK, to_pk, to_epoch, remote)
             return
         slot = connection.slots[index]
         assert slot is not None
         if slot.state is SlotState.LINKED:
             if slot.remote == remote:
                 if answer:  # requests crossed; the other side may still wait
-                    self._send_linked(connection, remote)
+                    self._send_link(Link.LINKED, to_pk, to_epoch, remote)
+                self._answer_arrived(connection, remote, now)
                 return
             if slot.remote is None:
                 self.stats["dropped.link_conflict"] += 1  # linked locally to the same key
+                if answer:
+                    self._send_link(Link.NOLINK, to_pk, to_epoch, remote)
                 return
             # Linked to an older connection of that key: that link ends first.
             old = slot.remote
-            self._bus.append((old.shard, (Link.UNLINK, to_pk, to_epoch, old.public_key, old.epoch)))
+            self._send_link(Link.UNLINK, to_pk, to_epoch, old)
             self._end_remote_link(connection, index, old)
         slot.state = SlotState.LINKED
         slot.remote = remote
@@ -714,21 +763,19 @@ class RelayServer:
         self._send_priority(connection, bytes((2, index + NUM_RESERVED_PORTS)))  # R-ROUTE-6
         self.stats["links"] += 1
         if answer:
-            self._send_linked(connection, remote)
+            self._send_link(Link.LINKED, to_pk, to_epoch, remote)
+        self._answer_arrived(connection, remote, now)
 
-    def _send_linked(self, connection: ServerConnection, remote: RemotePeer) -> None:
-        self._bus.append(
-            (
-                remote.shard,
-                (
-                    Link.LINKED,
-                    connection.public_key,
-                    connection.epoch,
-                    remote.public_key,
-                    remote.epoch,
-                ),
-            )
-        )
+    def _answer_arrived(self, connection: ServerConnection, remote: RemotePeer, now: float) -> None:
+        """The shard we asked has answered: read the frames that waited."""
+        if connection.waiting_for == remote:
+            self._stop_waiting(connection, now)
+
+    def _stop_waiting(self, connection: ServerConnection, now: float) -> None:
+        connection.waiting_for = None
+        self._waiting.discard(connection)
+        if connection.state is not ConnectionState.CLOSED:
+            self.receive(connection, b"", now)
 
     def _end_remote_links(
         self, remote: RemotePeer, only: tuple[bytes, Epoch] | None = None

@@ -8,6 +8,7 @@ connection never reaches a newer one with the same key:
 
     (WANT,   from_pk, from_epoch, to_pk, to_epoch)           my client wants yours
     (LINKED, from_pk, from_epoch, to_pk, to_epoch)           yours is linked to mine
+    (NOLINK, from_pk, from_epoch, to_pk, to_epoch)           no link (answers a WANT)
     (UNLINK, from_pk, from_epoch, to_pk, to_epoch)           that link has ended
     (DATA,   from_pk, from_epoch, to_pk, to_epoch, payload)  routed data (R-DATA-4)
     (OOB,    from_pk, to_pk, to_epoch, data)                 OOB (R-OOB-2)
@@ -39,6 +40,7 @@ class Link(IntEnum):
     UNLINK = 3
     DATA = 4
     OOB = 5
+    NOLINK = 6
 
 
 class Registry(IntEnum):

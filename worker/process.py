@@ -10,10 +10,12 @@ import signal
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvloop
 
 from relaycore.options import RelayOptions
+from worker.cluster_member import ClusterMember
 from worker.shard import Shard, open_listening_socket
 
 log = logging.getLogger("worker")
@@ -77,18 +79,30 @@ def format_address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@dataclass(frozen=True)
+class ClusterSpec:
+    """How a worker joins a cluster (absent for a stand-alone relay)."""
+
+    shard_id: int
+    runtime_dir: Path
+
+
 async def serve_until_stopped(
     secret_key: bytes,
     options: RelayOptions,
     sockets: list[socket.socket],
     on_ready: Callable[[list[str]], None],
+    cluster: ClusterSpec | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
-    shard = Shard(secret_key, options, loop)
+    shard = Shard(secret_key, options, loop, shard_id=cluster.shard_id if cluster else None)
+    member = ClusterMember(shard, cluster.runtime_dir) if cluster else None
     await shard.serve(sockets)
+    if member is not None:
+        member.start()
     on_ready([format_address(sock) for sock in sockets])
     await stopping.wait()
     log.info("stopping: closing %d connections", shard.server.connection_count)
@@ -96,6 +110,8 @@ async def serve_until_stopped(
         await asyncio.wait_for(shard.stop(), STOP_TIMEOUT)
     except TimeoutError:
         log.warning("stop took longer than %.0f s; exiting anyway", STOP_TIMEOUT)
+    if member is not None:
+        member.close()  # sends the UNLINK / UNREGISTER messages the stop produced
 
 
 def run_shard(
@@ -103,6 +119,7 @@ def run_shard(
     options: RelayOptions,
     sockets: list[socket.socket],
     on_ready: Callable[[list[str]], None],
+    cluster: ClusterSpec | None = None,
 ) -> None:
     """Serve on ``sockets`` with uvloop until SIGINT/SIGTERM."""
-    uvloop.run(serve_until_stopped(secret_key, options, sockets, on_ready))
+    uvloop.run(serve_until_stopped(secret_key, options, sockets, on_ready, cluster))

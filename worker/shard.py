@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from relaycore.options import RelayOptions
 from relaycore.relay import ConnectionRefused, ConnectionState, RelayServer, ServerConnection
@@ -114,14 +114,18 @@ class Shard:
         options: RelayOptions,
         loop: asyncio.AbstractEventLoop,
         tick_interval: float = TICK_INTERVAL,
+        shard_id: int | None = None,
     ) -> None:
+        """``shard_id``: cluster-unique id of this worker process (None = a
+        stand-alone relay); it is also the incarnation part of its epochs."""
         self.loop = loop
         self.tick_interval = tick_interval
         self.options = options
-        self.server = RelayServer(secret_key, options)
+        self.server = RelayServer(secret_key, options, shard=shard_id, incarnation=shard_id or 0)
         self._servers: list[asyncio.AbstractServer] = []
         self._timer: asyncio.TimerHandle | None = None
         self.refusals = 0
+        self.after_flush: Callable[[], None] | None = None  # the cluster link's hook
 
     async def serve(self, sockets: Iterable[socket.socket]) -> None:
         for sock in sockets:
@@ -141,6 +145,8 @@ class Shard:
             outbox.clear()
             connection.outbox_size = 0
             connection.transport_backlog = transport.get_write_buffer_size()  # type: ignore[attr-defined]
+        if self.after_flush is not None:
+            self.after_flush()
         for connection in server.take_closed():
             transport = connection.handle
             if transport is not None:

@@ -82,12 +82,6 @@ def test_bad_config_exits_before_binding(tmp_path: Path) -> None:
     assert not (tmp_path / "relay.keys").exists()  # nothing was created either
 
 
-def test_more_than_one_worker_is_refused_for_now(tmp_path: Path) -> None:
-    result = cluster("start", "--host", "127.0.0.1", "--port", "0", "--workers", "2", cwd=tmp_path)
-    assert result.returncode != 0
-    assert "workers: 2" in result.stderr
-
-
 def test_start_creates_keys_and_reports_addresses(tmp_path: Path) -> None:
     relay = start_relay(tmp_path / "relay", ports=2)
     try:

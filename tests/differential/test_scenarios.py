@@ -1016,9 +1016,15 @@ def bootstrapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReferenceRe
         relay.stop()
 
 
-@pytest.fixture(scope="module")
-def our_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayProcess]:
-    relay = start_relay(Path(tmp_path_factory.mktemp("ours")), secret_key=SERVER_SK)
+@pytest.fixture(scope="module", params=[1, 4], ids=["1-worker", "4-workers"])
+def our_relay(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[RelayProcess]:
+    """Our relay with one shard, and with four (clients then land on shards as the
+    kernel spreads them, so the cross-shard paths are exercised at random)."""
+    relay = start_relay(
+        Path(tmp_path_factory.mktemp("ours")), secret_key=SERVER_SK, workers=request.param
+    )
     try:
         yield relay
     finally:

@@ -76,12 +76,14 @@ def start_relay(
     extra_args: Sequence[str] = (),
     config: str | None = None,
     ports: int = 1,
+    workers: int = 2,
 ) -> RelayProcess:
-    """Run `cluster start` on 127.0.0.1 with ``ports`` kernel-chosen ports."""
+    """Run `cluster start --workers N` on 127.0.0.1 with ``ports`` kernel-chosen ports."""
     workdir.mkdir(parents=True, exist_ok=True)
     keys = workdir / "relay.keys"
     write_keys(keys, secret_key)
     args = [sys.executable, "-m", "cluster.cli", "start", "--host", HOST, "--keys", str(keys)]
+    args += ["--workers", str(workers)]
     for _ in range(ports):
         args += ["--port", "0"]
     if config is not None:

@@ -1,0 +1,292 @@
+"""The supervisor: `cluster start` runs one coordinator and N worker processes.
+
+It loads the configuration and keys once, reserves the ports (so port 0
+resolves once for every shard and the ports stay ours across restarts),
+hands each worker its specification on stdin, prints the ready lines when the
+whole cluster accepts connections, restarts a crashed worker or coordinator
+with back-off (telling the coordinator at once that a worker's keys are
+gone), replaces workers one at a time on SIGHUP (the ports never close), and
+stops everything within 5 s on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import zmq
+
+from cluster.config import RelayConfig
+from cluster.keys import RelayIdentity
+from coordinator.service import pack, router_endpoint
+
+log = logging.getLogger("cluster.supervisor")
+
+READY_TIMEOUT = 20.0  # seconds for a process to report READY
+STOP_TIMEOUT = 4.0  # SIGTERM -> SIGKILL; the whole stop stays under 5 s
+BACKOFF_FIRST = 0.2
+BACKOFF_MAX = 5.0
+STABLE_AFTER = 10.0  # a process that ran this long resets its back-off
+
+
+class StartupError(Exception):
+    """The cluster could not start; the message says which part failed."""
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (without listening) a SO_REUSEPORT socket: it resolves port 0 and
+    keeps the port ours, while only the workers' listening sockets accept."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise StartupError(f"cannot listen on {host} port {port}: {error.strerror}") from None
+    return sock
+
+
+@dataclass
+class ManagedProcess:
+    """One child (the coordinator or a worker in a slot) and its history."""
+
+    name: str
+    process: asyncio.subprocess.Process | None = None
+    shard: int | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    backoff: float = BACKOFF_FIRST
+    direct_address: str | None = None
+
+
+class Supervisor:
+    def __init__(
+        self, config: RelayConfig, identity: RelayIdentity, output: Callable[[str], None]
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.output = output
+        self.workers = config.workers or (os.cpu_count() or 1)
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="tox-relay-"))  # mode 0700
+        self.reserved = [reserve_port(config.host, port) for port in config.ports]
+        self.ports = [sock.getsockname()[1] for sock in self.reserved]
+        self.coordinator = ManagedProcess("coordinator")
+        self.slots = [ManagedProcess(f"worker {i}") for i in range(self.workers)]
+        self._next_shard = 1
+        self._stopping = False
+        self._reloading = False
+        self._ready = False
+        self._context = zmq.Context.instance()
+        self._control = self._context.socket(zmq.DEALER)
+        self._control.setsockopt(zmq.LINGER, 0)
+        self._control.connect(router_endpoint(self.runtime_dir))
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- children --------------------------------------------------------------
+
+    def _worker_spec(self, shard: int) -> dict:
+        config = self.config
+        return {
+            "shard": shard,
+            "secret_key": self.identity.secret_key.hex(),
+            "options": asdict(config.relay_options()),
+            "host": config.host,
+            "ports": self.ports,
+            "backlog": config.listen_backlog,
+            "runtime_dir": str(self.runtime_dir),
+            "min_open_files": config.min_open_files,
+            "log_level": config.log_level,
+            "private_port": config.shard_ports,
+        }
+
+    async def _spawn(self, managed: ManagedProcess, args: list[str], stdin: bytes | None) -> str:
+        """Start a child and wait for its READY line (returned)."""
+        loop = asyncio.get_running_loop()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *args,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=False,
+        )
+        managed.process = process
+        managed.started_at = loop.time()
+        if stdin is not None:
+            assert process.stdin is not None
+            process.stdin.write(stdin)
+            await process.stdin.drain()
+            process.stdin.close()
+        assert process.stdout is not None
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                while True:
+                    raw = await process.stdout.readline()
+                    if not raw:
+                        raise StartupError(f"{managed.name} exited before it was ready")
+                    line = raw.decode(errors="replace").rstrip("\n")
+                    if line.startswith("READY"):
+                        break
+        except (TimeoutError, StartupError):
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            raise
+        self._watch(managed, process)
+        return line
+
+    def _watch(self, managed: ManagedProcess, process: asyncio.subprocess.Process) -> None:
+        task = asyncio.get_running_loop().create_task(self._wait_for_exit(managed, process))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _wait_for_exit(
+        self, managed: ManagedProcess, process: asyncio.subprocess.Process
+    ) -> None:
+        code = await process.wait()
+        if self._stopping or managed.process is not process:
+            return  # stopped on purpose, or already replaced
+        loop = asyncio.get_running_loop()
+        log.error("%s (pid %d) exited with %s; restarting", managed.name, process.pid, code)
+        if managed is not self.coordinator and managed.shard is not None:
+            self._tell_coordinator(["drop", managed.shard])
+        if loop.time() - managed.started_at > STABLE_AFTER:
+            managed.backoff = BACKOFF_FIRST
+        delay = managed.backoff
+        managed.backoff = min(managed.backoff * 2, BACKOFF_MAX)
+        managed.restarts += 1
+        await asyncio.sleep(delay)
+        while not self._stopping:
+            try:
+                if managed is self.coordinator:
+                    await self._start_coordinator()
+                else:
+                    await self._start_worker(managed)
+                return
+            except (StartupError, TimeoutError, OSError) as error:
+                log.error("restarting %s failed: %s", managed.name, error)
+                await asyncio.sleep(managed.backoff)
+                managed.backoff = min(managed.backoff * 2, BACKOFF_MAX)
+
+    def _tell_coordinator(self, message: list) -> None:
+        with contextlib.suppress(zmq.Again):
+            self._control.send(pack(message), zmq.NOBLOCK)
+
+    async def _start_coordinator(self) -> None:
+        await self._spawn(self.coordinator, ["-m", "coordinator", str(self.runtime_dir)], None)
+
+    async def _start_worker(self, managed: ManagedProcess) -> str:
+        shard = self._next_shard
+        self._next_shard += 1
+        spec = json.dumps(self._worker_spec(shard)).encode() + b"\n"
+        managed.shard = shard
+        line = await self._spawn(managed, ["-m", "worker"], spec)
+        private = [part.removeprefix("private=") for part in line.split() if "=" in part]
+        if private:
+            managed.direct_address = private[0]
+            if self._ready:  # a restart: announce the new shard at once
+                self._announce_direct(managed)
+        return line
+
+    def _announce_direct(self, managed: ManagedProcess) -> None:
+        self.output(
+            f"Shard {managed.shard} ({managed.name}) direct address {managed.direct_address}"
+        )
+
+    # -- life cycle ------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
+        try:
+            await self._start_coordinator()
+            await asyncio.gather(*(self._start_worker(slot) for slot in self.slots))
+        except (StartupError, TimeoutError) as error:
+            await self._stop_children()
+            raise StartupError(f"cluster did not start: {error}") from None
+        self.output(f"Public Key: {self.identity.public_key_hex}")
+        for port in self.ports:
+            host = self.config.host
+            self.output(f"Listening on {f'[{host}]' if ':' in host else host}:{port}")
+        for slot in self.slots:
+            if slot.direct_address is not None:
+                self._announce_direct(slot)
+        self._ready = True
+        self.output(
+            f"Relay ready: {self.workers} worker(s), {len(self.ports)} listening address(es)"
+        )
+        await stop.wait()
+        log.info("stopping the cluster")
+        await self._stop_children()
+        return 0
+
+    def _request_reload(self) -> None:
+        if self._reloading or self._stopping:
+            return
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload(self) -> None:
+        """Replace the workers one at a time; the ports stay open throughout."""
+        self._reloading = True
+        log.info("rolling reload of %d workers", len(self.slots))
+        try:
+            for index, slot in enumerate(self.slots):
+                if self._stopping:
+                    return
+                old, old_shard = slot.process, slot.shard
+                try:
+                    await self._start_worker(slot)  # listening before the old one goes
+                except (StartupError, TimeoutError, OSError):
+                    slot.process, slot.shard = old, old_shard
+                    raise
+                slot.backoff = BACKOFF_FIRST
+                if old is not None and old.returncode is None:
+                    await self._terminate(old)
+                if old_shard is not None:
+                    self._tell_coordinator(["drop", old_shard])
+                log.info("worker %d replaced (shard %s -> %s)", index, old_shard, slot.shard)
+            self.output("Reload complete")
+        finally:
+            self._reloading = False
+
+    async def _terminate(self, process: asyncio.subprocess.Process) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+    async def _stop_children(self) -> None:
+        self._stopping = True
+        workers = [slot.process for slot in self.slots if slot.process is not None]
+        await asyncio.gather(*(self._terminate(process) for process in workers))
+        if self.coordinator.process is not None:
+            await self._terminate(self.coordinator.process)
+        for task in list(self._tasks):
+            task.cancel()
+        self._control.close()
+        for sock in self.reserved:
+            sock.close()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)

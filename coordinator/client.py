@@ -1,0 +1,203 @@
+"""The worker's side of the coordinator protocol, on an asyncio loop.
+
+Keeps the shard's replica of the routing map current (Clone pattern):
+subscribe to the updates first, then fetch a snapshot and apply the buffered
+updates that follow it; a gap in the sequence fetches a new snapshot; a new
+coordinator incarnation (restart) makes the shard re-register every live
+client and merge the new snapshot without ending any link. Sends the shard's
+REGISTER / UNREGISTER events and a heartbeat every second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import zmq
+
+from coordinator.service import pack, router_endpoint, unpack, updates_endpoint
+
+log = logging.getLogger("coordinator.client")
+
+HEARTBEAT_INTERVAL = 1.0
+MAX_BUFFERED_UPDATES = 200_000
+MAX_PENDING_EVENTS = 1_000_000
+
+
+class ReplicaHandler:
+    """What the client calls on the shard (implemented by the worker)."""
+
+    def apply_map_update(self, update: tuple) -> None: ...
+    def reset_directory(self, entries: list, merge: bool) -> None: ...
+    def registrations(self) -> list[tuple[bytes, int]]: ...
+    def set_peer_shards(self, shards: list[int]) -> None: ...
+    def after_input(self) -> None: ...  # flush what the updates produced
+
+
+class CoordinatorClient:
+    def __init__(
+        self,
+        runtime_dir: Path,
+        shard: int,
+        loop: asyncio.AbstractEventLoop,
+        handler: ReplicaHandler,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.shard = shard
+        self.loop = loop
+        self.handler = handler
+        context = context or zmq.Context.instance()
+        self.dealer = context.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.setsockopt(zmq.SNDHWM, 100_000)
+        self.dealer.connect(router_endpoint(runtime_dir))
+        self.subscriber = context.socket(zmq.SUB)
+        self.subscriber.setsockopt(zmq.LINGER, 0)
+        self.subscriber.setsockopt(zmq.RCVHWM, 100_000)
+        self.subscriber.setsockopt(zmq.SUBSCRIBE, b"")
+        self.subscriber.connect(updates_endpoint(runtime_dir))
+        self.coordinator: int | None = None
+        self.last_sequence = 0
+        self.syncing = False
+        self.merge_next_snapshot = False
+        self._buffered: list[tuple[int, tuple]] = []
+        self._pending_events: list[list] = []
+        self.resyncs = 0
+        self.events_dropped = 0
+        self._timer: asyncio.TimerHandle | None = None
+        for sock in (self.dealer, self.subscriber):
+            loop.add_reader(sock.getsockopt(zmq.FD), self._readable)
+
+    def start(self) -> None:
+        self._send(["hello", self.shard])
+        self._request_snapshot(merge=False)
+        self._timer = self.loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
+
+    # -- sending ---------------------------------------------------------------
+
+    def _send(self, message: list) -> bool:
+        try:
+            self.dealer.send(pack(message), zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        finally:
+            self.loop.call_soon(self._readable)  # zmq's FD is edge-triggered
+        return True
+
+    def send_events(self, events: list[tuple]) -> None:
+        """REGISTER / UNREGISTER events; kept (bounded) while the socket is full."""
+        if events:
+            self._pending_events.extend(events)
+        if not self._pending_events:
+            return
+        if self._send(["events", self.shard, self._pending_events]):
+            self._pending_events = []
+        elif len(self._pending_events) > MAX_PENDING_EVENTS:
+            self.events_dropped += len(self._pending_events)
+            self._pending_events = []
+            log.error("coordinator unreachable: registry events dropped; will resync")
+
+    def _heartbeat(self) -> None:
+        self._send(["heartbeat", self.shard])
+        self.send_events([])
+        self._timer = self.loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
+
+    def _request_snapshot(self, merge: bool) -> None:
+        self.syncing = True
+        self.merge_next_snapshot = self.merge_next_snapshot or merge
+        self.resyncs += 1
+        self._send(["snapshot"])
+
+    # -- receiving -------------------------------------------------------------
+
+    def _readable(self) -> None:
+        for sock, handle in (
+            (self.subscriber, self._on_publication),
+            (self.dealer, self._on_reply),
+        ):
+            for _ in range(1000):
+                try:
+                    payload = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
+                    return  # closed
+                handle(unpack(payload))
+            else:
+                self.loop.call_soon(self._readable)  # more queued: come back
+        self.handler.after_input()
+
+    def _coordinator_seen(self, incarnation: int) -> bool:
+        """True when this is a new coordinator (restart): re-register, merge."""
+        if self.coordinator == incarnation:
+            return False
+        restarted = self.coordinator is not None
+        self.coordinator = incarnation
+        if restarted:
+            log.warning("coordinator restarted: re-registering and resyncing")
+            self.last_sequence = 0
+            self._buffered = []
+            self._pending_events = []
+            self.send_events(
+                [(1, key, epoch) for key, epoch in self.handler.registrations()]  # REGISTER
+            )
+            self._request_snapshot(merge=True)
+        return restarted
+
+    def _on_publication(self, message: list) -> None:
+        kind = message[0]
+        if kind == "hb":
+            _, incarnation, sequence, shards = message
+            self._coordinator_seen(incarnation)
+            self.handler.set_peer_shards(shards)
+            if not self.syncing and sequence > self.last_sequence:
+                log.info("missed map updates (%d > %d): resync", sequence, self.last_sequence)
+                self._request_snapshot(merge=False)
+        elif kind == "u":
+            _, incarnation, updates = message
+            self._coordinator_seen(incarnation)
+            if self.syncing:
+                self._buffered.extend((seq, tuple(update)) for seq, update in updates)
+                if len(self._buffered) > MAX_BUFFERED_UPDATES:
+                    self._buffered = []
+                    self._request_snapshot(merge=False)
+                return
+            self._apply([(seq, tuple(update)) for seq, update in updates])
+
+    def _apply(self, updates: list[tuple[int, tuple]]) -> None:
+        for index, (sequence, update) in enumerate(updates):
+            if sequence <= self.last_sequence:
+                continue
+            if sequence != self.last_sequence + 1:
+                self._buffered = list(updates[index:])
+                self._request_snapshot(merge=False)
+                return
+            self.handler.apply_map_update(update)
+            self.last_sequence = sequence
+
+    def _on_reply(self, message: list) -> None:
+        if message[0] != "snapshot":
+            return
+        _, incarnation, sequence, entries = message
+        if self._coordinator_seen(incarnation):
+            return  # a fresher snapshot is on its way
+        self.handler.reset_directory(
+            [tuple(entry) for entry in entries], merge=self.merge_next_snapshot
+        )
+        self.merge_next_snapshot = False
+        self.syncing = False
+        self.last_sequence = sequence
+        buffered, self._buffered = self._buffered, []
+        self._apply(buffered)
+
+    def close(self, linger_ms: int = 0) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.send_events([])
+        for sock in (self.dealer, self.subscriber):
+            with contextlib.suppress(zmq.ZMQError, ValueError):
+                self.loop.remove_reader(sock.getsockopt(zmq.FD))
+        self.subscriber.close()
+        self.dealer.close(linger=linger_ms)

@@ -1,0 +1,193 @@
+"""The coordinator process: the routing map on ZeroMQ (the Clone pattern).
+
+* ROUTER (``coordinator.sock``): workers send HELLO, EVENTS (REGISTER /
+  UNREGISTER batches), HEARTBEAT and SNAPSHOT requests; the supervisor sends
+  DROP when a worker process died.
+* PUB (``updates.sock``): sequenced map updates in batches, and a heartbeat
+  naming this coordinator's incarnation and last sequence number, so workers
+  detect gaps (and fetch a snapshot) and restarts (and re-register).
+
+The map is soft state: after a restart it is rebuilt from the workers'
+re-registrations. Logic lives in ``coordinator.directory``; this module only
+moves messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import msgpack
+import zmq
+
+from coordinator.directory import Directory
+
+log = logging.getLogger("coordinator")
+
+HEARTBEAT_INTERVAL = 0.5  # seconds between PUB heartbeats
+WORKER_SILENCE_LIMIT = 3.0  # a worker silent this long is dropped
+
+
+def router_endpoint(runtime_dir: Path) -> str:
+    return f"ipc://{runtime_dir / 'coordinator.sock'}"
+
+
+def updates_endpoint(runtime_dir: Path) -> str:
+    return f"ipc://{runtime_dir / 'updates.sock'}"
+
+
+def pack(message: object) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(data: bytes) -> list:
+    return msgpack.unpackb(data, raw=False, use_list=True)
+
+
+def _bind(sock: zmq.Socket, endpoint: str) -> None:
+    path = endpoint.removeprefix("ipc://")
+    if os.path.exists(path):
+        os.unlink(path)  # left by a coordinator that was killed
+    sock.bind(endpoint)
+
+
+class CoordinatorService:
+    def __init__(self, runtime_dir: Path) -> None:
+        self.runtime_dir = runtime_dir
+        self.incarnation = int.from_bytes(os.urandom(4), "big")
+        self.directory = Directory()
+        self.last_seen: dict[int, float] = {}  # shard -> monotonic time of last message
+        self.identities: dict[int, bytes] = {}
+        self.context = zmq.Context.instance()
+        self.router = self.context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.RCVHWM, 100_000)
+        self.router.setsockopt(zmq.SNDHWM, 100_000)
+        self.publisher = self.context.socket(zmq.PUB)
+        self.publisher.setsockopt(zmq.LINGER, 0)
+        self.publisher.setsockopt(zmq.SNDHWM, 100_000)
+        _bind(self.router, router_endpoint(runtime_dir))
+        _bind(self.publisher, updates_endpoint(runtime_dir))
+        self.running = True
+        self.updates_published = 0
+
+    def _publish(self, updates: list[tuple[int, tuple]]) -> None:
+        if updates:
+            self.publisher.send(pack(["u", self.incarnation, updates]))
+            self.updates_published += len(updates)
+
+    def _heartbeat(self) -> None:
+        self.publisher.send(
+            pack(["hb", self.incarnation, self.directory.sequence, sorted(self.last_seen)])
+        )
+
+    def _handle(self, identity: bytes, message: list) -> None:
+        kind = message[0]
+        now = time.monotonic()
+        if kind == "events":
+            _, shard, events = message
+            self.last_seen[shard] = now
+            updates: list[tuple[int, tuple]] = []
+            for event in events:
+                updates += self.directory.apply_event(shard, tuple(event))
+            self._publish(updates)
+        elif kind == "heartbeat" or kind == "hello":
+            shard = message[1]
+            self.last_seen[shard] = now
+            self.identities[shard] = identity
+        elif kind == "snapshot":
+            self.directory.resyncs += 1
+            sequence, entries = self.directory.snapshot()
+            self.router.send_multipart(
+                [identity, pack(["snapshot", self.incarnation, sequence, entries])]
+            )
+        elif kind == "drop":
+            self._drop(message[1], "worker exited")
+        elif kind == "stats":
+            self.router.send_multipart(
+                [
+                    identity,
+                    pack(
+                        [
+                            "stats",
+                            {
+                                "incarnation": self.incarnation,
+                                "map_size": len(self.directory.entries),
+                                "sequence": self.directory.sequence,
+                                "resyncs": self.directory.resyncs,
+                                "shards": sorted(self.last_seen),
+                            },
+                        ]
+                    ),
+                ]
+            )
+        else:
+            log.warning("unknown message %r", kind)
+
+    def _drop(self, shard: int, why: str) -> None:
+        if self.last_seen.pop(shard, None) is None and not any(
+            s == shard for s, _ in self.directory.entries.values()
+        ):
+            return
+        self.identities.pop(shard, None)
+        log.info("dropping shard %d (%s)", shard, why)
+        self._publish(self.directory.drop_shard(shard))
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        next_heartbeat = 0.0
+        while self.running:
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                self._heartbeat()
+                next_heartbeat = now + HEARTBEAT_INTERVAL
+                for shard, seen in list(self.last_seen.items()):
+                    if now - seen > WORKER_SILENCE_LIMIT:
+                        self._drop(shard, f"silent for {now - seen:.1f} s")
+            timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000))
+            try:
+                ready = dict(poller.poll(timeout_ms))
+            except zmq.ZMQError:
+                if not self.running:
+                    break
+                raise
+            if self.router in ready:
+                for _ in range(1000):  # bounded batch, then heartbeats get a turn
+                    try:
+                        identity, payload = self.router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        message = unpack(payload)
+                    except (ValueError, msgpack.ExtraData, msgpack.FormatError):
+                        log.warning("undecodable message dropped")
+                        continue
+                    self._handle(identity, message)
+
+    def close(self) -> None:
+        self.router.close()
+        self.publisher.close()
+
+
+def main(runtime_dir: str) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    service = CoordinatorService(Path(runtime_dir))
+
+    def stop(signum: int, frame: object) -> None:
+        service.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("coordinator %08x ready", service.incarnation)
+    print("READY", flush=True)
+    try:
+        service.run()
+    finally:
+        service.close()
+    return 0

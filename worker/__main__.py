@@ -1,0 +1,58 @@
+"""``python -m worker``: one shard process of a cluster, started by the supervisor.
+
+Reads its whole specification as one JSON object on standard input (so the
+secret key is never in argv or the environment), binds its ports with
+SO_REUSEPORT, joins the cluster, and prints ``READY <shard> <address>...``
+when it accepts connections.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+from relaycore.options import RelayOptions
+from worker.process import (
+    ClusterSpec,
+    ListenSpec,
+    bind_listeners,
+    raise_open_file_limit,
+    run_shard,
+)
+from worker.shard import open_listening_socket
+
+
+def main() -> int:
+    spec = json.loads(sys.stdin.readline())
+    shard_id = spec["shard"]
+    logging.basicConfig(
+        level=spec.get("log_level", "info").upper(),
+        format=f"%(asctime)s %(levelname)s worker[{shard_id}] %(name)s: %(message)s",
+    )
+    raise_open_file_limit(spec["min_open_files"])
+    sockets = bind_listeners(ListenSpec(spec["host"], spec["ports"], spec["backlog"]))
+    shared = len(sockets)
+    if spec.get("private_port"):  # tests and diagnostics: reach this shard directly
+        sockets.append(open_listening_socket(spec["host"], 0, spec["backlog"]))
+
+    def announce(addresses: list[str]) -> None:
+        private = addresses[shared:]
+        line = f"READY {shard_id} " + " ".join(addresses[:shared])
+        if private:
+            line += f" private={private[0]}"
+        print(line, flush=True)
+
+    run_shard(
+        bytes.fromhex(spec["secret_key"]),
+        RelayOptions(**spec["options"]),
+        sockets,
+        announce,
+        ClusterSpec(shard_id, Path(spec["runtime_dir"])),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The peer bus: link messages between shards over ZeroMQ ipc:// sockets.
+
+Each shard binds one PULL socket (``shard-<id>.sock`` in the cluster's private
+runtime directory) and connects one PUSH socket per destination shard, on
+first use; one socket per direction keeps the messages of a pair of shards in
+order. Messages produced during one event-loop turn are batched per
+destination (msgpack) and sent once, without blocking: when a destination is
+stuck past the high-water mark the batch is dropped and counted, never
+waited for. Same-shard traffic never gets here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import msgpack
+import zmq
+
+log = logging.getLogger("worker.bus")
+
+SEND_HIGH_WATER_MARK = 10_000  # batches queued per destination before drops
+RECEIVE_HIGH_WATER_MARK = 100_000
+RECEIVE_BATCHES_PER_TURN = 256
+
+
+def shard_endpoint(runtime_dir: Path, shard: int) -> str:
+    return f"ipc://{runtime_dir / f'shard-{shard}.sock'}"
+
+
+class PeerBus:
+    def __init__(
+        self,
+        runtime_dir: Path,
+        shard: int,
+        loop: asyncio.AbstractEventLoop,
+        deliver: Callable[[int, list], None],
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.runtime_dir = runtime_dir
+        self.shard = shard
+        self.loop = loop
+        self.deliver = deliver
+        self.context = context or zmq.Context.instance()
+        self.pull = self.context.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.setsockopt(zmq.RCVHWM, RECEIVE_HIGH_WATER_MARK)
+        endpoint = shard_endpoint(runtime_dir, shard)
+        path = Path(endpoint.removeprefix("ipc://"))
+        if path.exists():
+            path.unlink()
+        self.pull.bind(endpoint)
+        self._push: dict[int, zmq.Socket] = {}
+        self._outgoing: dict[int, list] = {}
+        self._flush_scheduled = False
+        self.stats: Counter[str] = Counter()
+        loop.add_reader(self.pull.getsockopt(zmq.FD), self._readable)
+
+    def send(self, messages: list[tuple[int, tuple]]) -> None:
+        """Queue (destination, message) pairs; they leave at the end of this turn."""
+        outgoing = self._outgoing
+        for destination, message in messages:
+            batch = outgoing.get(destination)
+            if batch is None:
+                outgoing[destination] = [message]
+            else:
+                batch.append(message)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _socket_for(self, destination: int) -> zmq.Socket:
+        sock = self._push.get(destination)
+        if sock is None:
+            sock = self.context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, SEND_HIGH_WATER_MARK)
+            sock.setsockopt(zmq.IMMEDIATE, 0)
+            sock.connect(shard_endpoint(self.runtime_dir, destination))
+            self._push[destination] = sock
+        return sock
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        outgoing, self._outgoing = self._outgoing, {}
+        for destination, batch in outgoing.items():
+            try:
+                self._socket_for(destination).send(
+                    msgpack.packb([self.shard, batch], use_bin_type=True), zmq.NOBLOCK
+                )
+                self.stats["messages_sent"] += len(batch)
+                self.stats["batches_sent"] += 1
+            except zmq.Again:
+                self.stats["messages_dropped"] += len(batch)  # destination stuck
+                if self.stats["drop_events"] % 1000 == 0:
+                    log.warning("peer bus to shard %d is full: dropping", destination)
+                self.stats["drop_events"] += 1
+
+    def forget(self, shard: int) -> None:
+        """A shard is gone: stop queueing for it."""
+        sock = self._push.pop(shard, None)
+        if sock is not None:
+            sock.close()
+
+    def _readable(self) -> None:
+        for _ in range(RECEIVE_BATCHES_PER_TURN):
+            try:
+                payload = self.pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            try:
+                from_shard, batch = msgpack.unpackb(payload, raw=False, use_list=False)
+            except (ValueError, msgpack.ExtraData, msgpack.FormatError, TypeError):
+                self.stats["undecodable"] += 1
+                continue
+            self.stats["messages_received"] += len(batch)
+            self.deliver(from_shard, batch)
+        self.loop.call_soon(self._readable)  # more may be queued; let others run first
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close; with ``linger_ms`` queued batches get that long to leave."""
+        if self._flush_scheduled:
+            self._flush()
+        with contextlib.suppress(zmq.ZMQError, ValueError):
+            self.loop.remove_reader(self.pull.getsockopt(zmq.FD))
+        self.pull.close()
+        for sock in self._push.values():
+            sock.close(linger=linger_ms)
+        self._push.clear()

@@ -1,0 +1,71 @@
+"""Joins a shard to the cluster: its peer bus and its coordinator client.
+
+The adapter between ``RelayServer``'s cluster interface (take_bus,
+take_registry, receive_link, apply_map_update, reset_directory) and the
+ZeroMQ sockets. No relay logic here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from coordinator.client import CoordinatorClient, ReplicaHandler
+from relaycore.shardlink import MapUpdate
+from worker.bus import PeerBus
+from worker.shard import Shard
+
+CLOSE_LINGER_MS = 1000  # bounded wait for the last messages at shutdown
+
+
+class ClusterMember(ReplicaHandler):
+    def __init__(self, shard: Shard, runtime_dir: Path) -> None:
+        server = shard.server
+        assert server.shard is not None, "a cluster member needs RelayServer(shard=...)"
+        self.shard = shard
+        self.server = server
+        self.bus = PeerBus(runtime_dir, server.shard, shard.loop, self._deliver)
+        self.coordinator = CoordinatorClient(runtime_dir, server.shard, shard.loop, self)
+        shard.after_flush = self._after_flush
+
+    def start(self) -> None:
+        self.coordinator.start()
+
+    def _after_flush(self) -> None:
+        server = self.server
+        bus = server.take_bus()
+        if bus:
+            self.bus.send(bus)
+        registry = server.take_registry()
+        if registry:
+            self.coordinator.send_events(registry)
+
+    def _deliver(self, from_shard: int, batch: list) -> None:
+        receive_link = self.server.receive_link
+        now = self.shard.loop.time()
+        for message in batch:
+            receive_link(from_shard, message, now)
+        self.shard.flush()
+
+    # ReplicaHandler
+    def apply_map_update(self, update: tuple) -> None:
+        self.server.apply_map_update(update)
+        if update[0] == MapUpdate.DROP_SHARD:
+            self.bus.forget(update[1])
+
+    def reset_directory(self, entries: list, merge: bool) -> None:
+        self.server.reset_directory(entries, merge=merge)
+
+    def registrations(self) -> list[tuple[bytes, int]]:
+        return self.server.registrations()
+
+    def set_peer_shards(self, shards: list[int]) -> None:
+        self.server.set_peer_shards(shards)
+
+    def after_input(self) -> None:
+        self.shard.flush()
+
+    def close(self) -> None:
+        """Send what is still queued (within a bound), then close the sockets."""
+        self._after_flush()
+        self.bus.close(linger_ms=CLOSE_LINGER_MS)
+        self.coordinator.close(linger_ms=CLOSE_LINGER_MS)
