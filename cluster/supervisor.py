@@ -188,6 +188,8 @@ class Supervisor:
 
     async def _start_coordinator(self) -> None:
         await self._spawn(self.coordinator, ["-m", "coordinator", str(self.runtime_dir)], None)
+        if self._ready:
+            self._announce_coordinator()
 
     async def _start_worker(self, managed: ManagedProcess) -> str:
         shard = self._next_shard
@@ -203,9 +205,15 @@ class Supervisor:
         return line
 
     def _announce_direct(self, managed: ManagedProcess) -> None:
+        pid = managed.process.pid if managed.process else 0
         self.output(
-            f"Shard {managed.shard} ({managed.name}) direct address {managed.direct_address}"
+            f"Shard {managed.shard} ({managed.name}) pid {pid} "
+            f"direct address {managed.direct_address}"
         )
+
+    def _announce_coordinator(self) -> None:
+        if self.config.shard_ports and self.coordinator.process is not None:
+            self.output(f"Coordinator pid {self.coordinator.process.pid}")
 
     # -- life cycle ------------------------------------------------------------
 
@@ -228,6 +236,7 @@ class Supervisor:
         for slot in self.slots:
             if slot.direct_address is not None:
                 self._announce_direct(slot)
+        self._announce_coordinator()
         self._ready = True
         self.output(
             f"Relay ready: {self.workers} worker(s), {len(self.ports)} listening address(es)"
