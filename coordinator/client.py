@@ -18,6 +18,7 @@ from pathlib import Path
 import zmq
 
 from coordinator.service import pack, router_endpoint, unpack, updates_endpoint
+from relaycore.shardlink import Registry
 
 log = logging.getLogger("coordinator.client")
 
@@ -141,7 +142,7 @@ class CoordinatorClient:
             self._buffered = []
             self._pending_events = []
             self.send_events(
-                [(1, key, epoch) for key, epoch in self.handler.registrations()]  # REGISTER
+                [(Registry.REGISTER, key, epoch) for key, epoch in self.handler.registrations()]
             )
             self._request_snapshot(merge=True)
         return restarted

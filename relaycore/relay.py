@@ -669,6 +669,13 @@ class RelayServer:
                 self._doom(RemotePeer(shard, public_key, epoch))
         elif kind == MapUpdate.DROP_SHARD:
             _, shard = update
+            if shard == self.shard:
+                # The coordinator took us for dead (silent too long): the other
+                # shards ended their links to our clients, so ours end too, and
+                # the adapter registers our clients again.
+                for remote in list(self._remote_links):
+                    self._end_remote_links(remote)
+                return
             self.peer_shards.discard(shard)
             for public_key, remote in list(self.directory.items()):
                 if remote.shard == shard:
