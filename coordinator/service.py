@@ -73,6 +73,7 @@ class CoordinatorService:
         _bind(self.publisher, updates_endpoint(runtime_dir))
         self.running = True
         self.updates_published = 0
+        self.parent = os.getppid()  # a coordinator whose supervisor died stops too
 
     def _publish(self, updates: list[tuple[int, tuple]]) -> None:
         if updates:
@@ -143,6 +144,9 @@ class CoordinatorService:
         while self.running:
             now = time.monotonic()
             if now >= next_heartbeat:
+                if os.getppid() != self.parent:
+                    log.error("supervisor (pid %d) is gone: stopping", self.parent)
+                    break
                 self._heartbeat()
                 next_heartbeat = now + HEARTBEAT_INTERVAL
                 for shard, seen in list(self.last_seen.items()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import signal
 import socket
@@ -20,7 +21,8 @@ from worker.shard import Shard, open_listening_socket
 
 log = logging.getLogger("worker")
 
-STOP_TIMEOUT = 4.0  # seconds; `cluster start` must exit within 5 s of SIGTERM
+STOP_TIMEOUT = 4.0
+PARENT_CHECK_INTERVAL = 0.5  # seconds  # seconds; `cluster start` must exit within 5 s of SIGTERM
 
 
 def raise_open_file_limit(minimum: int) -> int:
@@ -79,6 +81,18 @@ def format_address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _stop_when_orphaned(
+    loop: asyncio.AbstractEventLoop, parent: int, stopping: asyncio.Event
+) -> None:
+    """A worker whose supervisor died (even by SIGKILL) stops too, instead of
+    serving on as an orphan nobody manages."""
+    if os.getppid() != parent:
+        log.error("supervisor (pid %d) is gone: stopping", parent)
+        stopping.set()
+        return
+    loop.call_later(PARENT_CHECK_INTERVAL, _stop_when_orphaned, loop, parent, stopping)
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     """How a worker joins a cluster (absent for a stand-alone relay)."""
@@ -100,6 +114,8 @@ async def serve_until_stopped(
         loop.add_signal_handler(signum, stopping.set)
     shard = Shard(secret_key, options, loop, shard_id=cluster.shard_id if cluster else None)
     member = ClusterMember(shard, cluster.runtime_dir) if cluster else None
+    if cluster is not None:
+        _stop_when_orphaned(loop, os.getppid(), stopping)
     await shard.serve(sockets)
     if member is not None:
         member.start()
