@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cluster.config import ConfigError, RelayConfig, load_config
 from cluster.keys import KeysFileError, create_keys, load_keys, load_or_create_keys
+from worker.logs import configure_logging
 
 DEFAULT_KEYS = RelayConfig().keys_file
 
@@ -45,9 +46,12 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "workers": args.workers,
         "log_level": args.log_level,
         "shard_ports": True if args.shard_ports else None,
+        "metrics": args.metrics,
+        "log_format": args.log_format,
+        "admin_socket": args.admin_socket,
     }
     config = load_config(args.config, overrides)
-    logging.getLogger().setLevel(config.log_level.upper())
+    configure_logging(config.log_level, config.log_format, "supervisor")
     identity, created = load_or_create_keys(config.keys_file)
     if created:
         log.info("created a new keys file %s (mode 0600)", config.keys_file)
@@ -71,6 +75,13 @@ def _cmd_start(args: argparse.Namespace) -> int:
         return 1
     log.info("stopped")
     return code
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from cluster.admin import run_status
+
+    config = load_config(args.config, {"admin_socket": args.admin_socket})
+    return run_status(config.admin_socket, as_json=args.json, once=args.once)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,16 +154,45 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
         help="log verbosity (default info)",
     )
+    start.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        help="serve Prometheus metrics for the whole cluster there (off by default; "
+        "e.g. 127.0.0.1:9477)",
+    )
+    start.add_argument("--log-format", choices=("text", "json"), help="log lines (default text)")
+    start.add_argument(
+        "--admin-socket",
+        type=Path,
+        metavar="PATH",
+        help="unix socket (0600) that `cluster status` talks to (default relay-admin.sock)",
+    )
     start.set_defaults(handler=_cmd_start)
+
+    status = sub.add_parser(
+        "status",
+        help="show the running cluster's workers and totals",
+        description="Ask the running supervisor (over its admin socket) for a live table "
+        "per worker: connections, frames/s in and out, CPU, RSS, restarts, event-loop lag, "
+        "and cluster totals. Exits 1 when no cluster runs.",
+    )
+    status.add_argument(
+        "--admin-socket",
+        type=Path,
+        metavar="PATH",
+        help="default: from --config, else relay-admin.sock",
+    )
+    status.add_argument(
+        "--config", type=Path, metavar="FILE", help="read admin_socket from this file"
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON object and exit")
+    status.add_argument("--once", action="store_true", help="print the table once and exit")
+    status.set_defaults(handler=_cmd_status)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging("info", "text", "cluster")
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -42,6 +42,9 @@ class RelayConfig:
     listen_backlog: int = 1024
     min_open_files: int = 4096
     shard_ports: bool = False
+    metrics: str = ""  # "ADDR:PORT" for the Prometheus endpoint; "" = off
+    admin_socket: Path = Path("relay-admin.sock")
+    log_format: str = "text"
 
     def relay_options(self) -> RelayOptions:
         """The RelayOptions fields this file configures (pings keep their defaults)."""
@@ -49,6 +52,26 @@ class RelayConfig:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+def _metrics_address(value: object) -> str:
+    """ "" (off) or "ADDR:PORT" with an IP address; "[::1]:9477" for IPv6."""
+    if value == "":
+        return ""
+    if not isinstance(value, str) or ":" not in value:
+        raise ConfigError(f'metrics: expected "ADDR:PORT" (e.g. "127.0.0.1:9477"), got {value!r}')
+    host, _, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"metrics: {host!r} is not an IPv4 or IPv6 address") from None
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"metrics: port {port!r} is not a number from 0 to 65535")
+    return value
+
+
 CONFIG_KEYS = tuple(f.name for f in fields(RelayConfig))
 _CORE_KEYS = tuple(f.name for f in fields(RelayOptions) if f.name in CONFIG_KEYS)
 
@@ -108,6 +131,18 @@ def _validate(key: str, value: object) -> object:
             return _int(key, value, 0, 1024)
         case "shard_ports":
             return _bool(key, value)
+        case "metrics":
+            return _metrics_address(value)
+        case "admin_socket":
+            if not isinstance(value, str | Path) or not str(value):
+                raise ConfigError(f"admin_socket: expected a path, got {value!r}")
+            if len(os.fsencode(os.path.abspath(value))) > 100:
+                raise ConfigError(f"admin_socket: {value!r} is too long for a unix socket path")
+            return Path(value)
+        case "log_format":
+            if value not in LOG_FORMATS:
+                raise ConfigError(f"log_format: {value!r} is not one of {', '.join(LOG_FORMATS)}")
+            return value
         case "log_level":
             if value not in LOG_LEVELS:
                 raise ConfigError(f"log_level: {value!r} is not one of {', '.join(LOG_LEVELS)}")

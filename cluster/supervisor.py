@@ -26,10 +26,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import zmq
+from prometheus_client import CollectorRegistry, start_http_server
 
+from cluster.admin import AdminSocketInUse, serve_admin
 from cluster.config import RelayConfig
 from cluster.keys import RelayIdentity
-from coordinator.service import pack, router_endpoint
+from cluster.metrics import ClusterCollector, ClusterStats
+from coordinator.service import pack, router_endpoint, unpack
+from worker.reporting import supervisor_endpoint
 
 log = logging.getLogger("cluster.supervisor")
 
@@ -72,6 +76,7 @@ class ManagedProcess:
     restarts: int = 0
     backoff: float = BACKOFF_FIRST
     direct_address: str | None = None
+    index: int = -1  # worker slot; -1 for the coordinator
 
 
 class Supervisor:
@@ -86,7 +91,8 @@ class Supervisor:
         self.reserved = [reserve_port(config.host, port) for port in config.ports]
         self.ports = [sock.getsockname()[1] for sock in self.reserved]
         self.coordinator = ManagedProcess("coordinator")
-        self.slots = [ManagedProcess(f"worker {i}") for i in range(self.workers)]
+        self.slots = [ManagedProcess(f"worker {i}", index=i) for i in range(self.workers)]
+        self.stats = ClusterStats()
         self._next_shard = 1
         self._stopping = False
         self._reloading = False
@@ -95,6 +101,12 @@ class Supervisor:
         self._control = self._context.socket(zmq.DEALER)
         self._control.setsockopt(zmq.LINGER, 0)
         self._control.connect(router_endpoint(self.runtime_dir))
+        self._reports = self._context.socket(zmq.PULL)  # workers' and coordinator's stats
+        self._reports.setsockopt(zmq.LINGER, 0)
+        self._reports.setsockopt(zmq.RCVHWM, 1000)
+        self._reports.bind(supervisor_endpoint(self.runtime_dir))
+        self._admin: asyncio.AbstractServer | None = None
+        self._metrics_server = None
         self._tasks: set[asyncio.Task] = set()
 
     # -- children --------------------------------------------------------------
@@ -111,6 +123,7 @@ class Supervisor:
             "runtime_dir": str(self.runtime_dir),
             "min_open_files": config.min_open_files,
             "log_level": config.log_level,
+            "log_format": config.log_format,
             "private_port": config.shard_ports,
         }
 
@@ -162,7 +175,12 @@ class Supervisor:
             return  # stopped on purpose, or already replaced
         loop = asyncio.get_running_loop()
         log.error("%s (pid %d) exited with %s; restarting", managed.name, process.pid, code)
-        if managed is not self.coordinator and managed.shard is not None:
+        if managed is self.coordinator:
+            self.stats.coordinator_restarts += 1
+        elif managed.shard is not None:
+            self.stats.retire(managed.shard)
+            self.stats.worker_restarts += 1
+            self.stats.restarts_by_slot[managed.index] += 1
             self._tell_coordinator(["drop", managed.shard])
         if loop.time() - managed.started_at > STABLE_AFTER:
             managed.backoff = BACKOFF_FIRST
@@ -187,7 +205,9 @@ class Supervisor:
             self._control.send(pack(message), zmq.NOBLOCK)
 
     async def _start_coordinator(self) -> None:
-        await self._spawn(self.coordinator, ["-m", "coordinator", str(self.runtime_dir)], None)
+        config = self.config
+        args = ["-m", "coordinator", str(self.runtime_dir), config.log_level, config.log_format]
+        await self._spawn(self.coordinator, args, None)
         if self._ready:
             self._announce_coordinator()
 
@@ -196,6 +216,7 @@ class Supervisor:
         self._next_shard += 1
         spec = json.dumps(self._worker_spec(shard)).encode() + b"\n"
         managed.shard = shard
+        self.stats.slot_of_shard[shard] = managed.index
         line = await self._spawn(managed, ["-m", "worker"], spec)
         private = [part.removeprefix("private=") for part in line.split() if "=" in part]
         if private:
@@ -224,6 +245,7 @@ class Supervisor:
             loop.add_signal_handler(signum, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._request_reload)
         try:
+            loop.add_reader(self._reports.getsockopt(zmq.FD), self._read_reports)
             await self._start_coordinator()
             await asyncio.gather(*(self._start_worker(slot) for slot in self.slots))
         except (StartupError, TimeoutError) as error:
@@ -233,6 +255,13 @@ class Supervisor:
         for port in self.ports:
             host = self.config.host
             self.output(f"Listening on {f'[{host}]' if ':' in host else host}:{port}")
+        try:
+            self._admin = await serve_admin(self.config.admin_socket, self.stats.status)
+            if self.config.metrics:
+                self.output(f"Metrics on http://{self._start_metrics()}/metrics")
+        except (AdminSocketInUse, OSError) as error:
+            await self._stop_children()
+            raise StartupError(str(error)) from None
         for slot in self.slots:
             if slot.direct_address is not None:
                 self._announce_direct(slot)
@@ -245,6 +274,34 @@ class Supervisor:
         log.info("stopping the cluster")
         await self._stop_children()
         return 0
+
+    def _start_metrics(self) -> str:
+        """Serve Prometheus metrics (a thread of prometheus-client); its address."""
+        host, _, port = self.config.metrics.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        registry = CollectorRegistry()
+        registry.register(ClusterCollector(self.stats))
+        server, _thread = start_http_server(int(port), addr=host, registry=registry)
+        self._metrics_server = server
+        bound_port = server.server_address[1]
+        return f"[{host}]:{bound_port}" if ":" in host else f"{host}:{bound_port}"
+
+    def _read_reports(self) -> None:
+        for _ in range(1000):
+            try:
+                payload = self._reports.recv(zmq.NOBLOCK)
+            except (zmq.Again, zmq.ZMQError):
+                return
+            try:
+                message = unpack(payload)
+                if message[0] == "stats":
+                    _, shard, pid, report = message
+                    if any(slot.shard == shard for slot in self.slots):
+                        self.stats.record(shard, pid, report)
+                elif message[0] == "coordinator":
+                    self.stats.coordinator = message[1]
+            except (ValueError, TypeError, KeyError, IndexError):
+                log.warning("undecodable report dropped")
 
     def _request_reload(self) -> None:
         if self._reloading or self._stopping:
@@ -272,6 +329,7 @@ class Supervisor:
                     await self._terminate(old)
                 if old_shard is not None:
                     self._tell_coordinator(["drop", old_shard])
+                    self.stats.retire(old_shard)
                 log.info("worker %d replaced (shard %s -> %s)", index, old_shard, slot.shard)
             self.output("Reload complete")
         finally:
@@ -295,6 +353,17 @@ class Supervisor:
             await self._terminate(self.coordinator.process)
         for task in list(self._tasks):
             task.cancel()
+        for sample in list(self.stats.workers):
+            self.stats.retire(sample)
+        with contextlib.suppress(zmq.ZMQError, ValueError):
+            asyncio.get_running_loop().remove_reader(self._reports.getsockopt(zmq.FD))
+        self._reports.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        if self._admin is not None:
+            self._admin.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.admin_socket)
         self._control.close()
         for sock in self.reserved:
             sock.close()

@@ -1,8 +1,8 @@
-"""``python -m coordinator RUNTIME_DIR``: run the coordinator (started by the supervisor)."""
+"""``python -m coordinator RUNTIME_DIR [LOG_LEVEL LOG_FORMAT]``: started by the supervisor."""
 
 import sys
 
 from coordinator.service import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(*sys.argv[1:4]))

@@ -14,6 +14,7 @@ moves messages.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ import msgpack
 import zmq
 
 from coordinator.directory import Directory
+from worker.logs import configure_logging
 
 log = logging.getLogger("coordinator")
 
@@ -69,6 +71,10 @@ class CoordinatorService:
         self.publisher = self.context.socket(zmq.PUB)
         self.publisher.setsockopt(zmq.LINGER, 0)
         self.publisher.setsockopt(zmq.SNDHWM, 100_000)
+        self.reporter = self.context.socket(zmq.PUSH)  # stats for the supervisor
+        self.reporter.setsockopt(zmq.LINGER, 0)
+        self.reporter.setsockopt(zmq.SNDHWM, 10)
+        self.reporter.connect(f"ipc://{runtime_dir / 'supervisor.sock'}")
         _bind(self.router, router_endpoint(runtime_dir))
         _bind(self.publisher, updates_endpoint(runtime_dir))
         self.running = True
@@ -81,6 +87,14 @@ class CoordinatorService:
             self.updates_published += len(updates)
 
     def _heartbeat(self) -> None:
+        report = {
+            "map_size": len(self.directory.entries),
+            "sequence": self.directory.sequence,
+            "resyncs": self.directory.resyncs,
+            "updates_published": self.updates_published,
+        }
+        with contextlib.suppress(zmq.Again):
+            self.reporter.send(pack(["coordinator", report]), zmq.NOBLOCK)
         self.publisher.send(
             pack(["hb", self.incarnation, self.directory.sequence, sorted(self.last_seen)])
         )
@@ -175,12 +189,11 @@ class CoordinatorService:
     def close(self) -> None:
         self.router.close()
         self.publisher.close()
+        self.reporter.close()
 
 
-def main(runtime_dir: str) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def main(runtime_dir: str, log_level: str = "info", log_format: str = "text") -> int:
+    configure_logging(log_level, log_format, "coordinator")
     service = CoordinatorService(Path(runtime_dir))
 
     def stop(signum: int, frame: object) -> None:

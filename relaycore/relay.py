@@ -251,7 +251,9 @@ class RelayServer:
             channel.hold(data)
             return
         try:
+            stats = self.stats
             for plain in channel.receive(data):
+                stats["frames_in"] += 1
                 if connection.state is ConnectionState.UNCONFIRMED:
                     self._confirm(connection, now)  # R-CONF-1
                 self._handle_packet(connection, plain, now)
@@ -522,7 +524,14 @@ class RelayServer:
         other_slot = other.slots[other_index]
         assert other_slot is not None
         if other_slot.state is not SlotState.REQUESTED:
-            return
+            old = other_slot.remote
+            if old is None:
+                return
+            # O is still linked to our key's connection on another shard, which
+            # ours replaced (R-CONF-3; its SET / UNLINK has not come yet): as in
+            # _linked_by_remote, that link ends first (O: 03), then R-ROUTE-6.
+            self._send_link(Link.UNLINK, other.public_key, other.epoch, old)  # type: ignore[arg-type]
+            self._end_remote_link(other, other_index, old)
         self._send_priority(connection, bytes((2, index + NUM_RESERVED_PORTS)))
         if connection.state is ConnectionState.CLOSED:
             return  # killed (output_hard_limit) before the link existed: O is not told
@@ -768,7 +777,8 @@ class RelayServer:
         slot.remote = remote
         self._remote_links.setdefault(remote, set()).add(connection)
         self._send_priority(connection, bytes((2, index + NUM_RESERVED_PORTS)))  # R-ROUTE-6
-        self.stats["links"] += 1
+        if to_pk < remote.public_key:  # each cross-shard link counted once, by one end
+            self.stats["links"] += 1
         if answer:
             self._send_link(Link.LINKED, to_pk, to_epoch, remote)
         self._answer_arrived(connection, remote, now)
@@ -820,6 +830,7 @@ class RelayServer:
             self._dirty.append(connection)
         connection.outbox.append(data)
         connection.outbox_size += len(data)
+        self.stats["frames_out"] += 1
 
     def _send_priority(self, connection: ServerConnection, plain: bytes) -> None:
         """R-OUT-1: never dropped; but a connection that lets it pile up past the
@@ -839,4 +850,6 @@ class RelayServer:
         if connection.state is not ConnectionState.CONFIRMED:
             return
         self._append(connection, connection.channel.encrypt(plain))  # type: ignore[union-attr]
-        self.stats["relayed"] += 1
+        stats = self.stats
+        stats["relayed"] += 1
+        stats["relayed_bytes"] += len(plain)

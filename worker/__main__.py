@@ -9,11 +9,11 @@ when it accepts connections.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 
 from relaycore.options import RelayOptions
+from worker.logs import configure_logging
 from worker.process import (
     ClusterSpec,
     ListenSpec,
@@ -27,10 +27,7 @@ from worker.shard import open_listening_socket
 def main() -> int:
     spec = json.loads(sys.stdin.readline())
     shard_id = spec["shard"]
-    logging.basicConfig(
-        level=spec.get("log_level", "info").upper(),
-        format=f"%(asctime)s %(levelname)s worker[{shard_id}] %(name)s: %(message)s",
-    )
+    configure_logging(spec["log_level"], spec["log_format"], f"worker[{shard_id}]")
     raise_open_file_limit(spec["min_open_files"])
     sockets = bind_listeners(ListenSpec(spec["host"], spec["ports"], spec["backlog"]))
     shared = len(sockets)

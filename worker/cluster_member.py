@@ -12,6 +12,7 @@ from pathlib import Path
 from coordinator.client import CoordinatorClient, ReplicaHandler
 from relaycore.shardlink import MapUpdate, Registry
 from worker.bus import PeerBus
+from worker.reporting import StatsReporter
 from worker.shard import Shard
 
 CLOSE_LINGER_MS = 1000  # bounded wait for the last messages at shutdown
@@ -25,10 +26,17 @@ class ClusterMember(ReplicaHandler):
         self.server = server
         self.bus = PeerBus(runtime_dir, server.shard, shard.loop, self._deliver)
         self.coordinator = CoordinatorClient(runtime_dir, server.shard, shard.loop, self)
+        self.reporter = StatsReporter(shard, runtime_dir, self._cluster_counters)
         shard.after_flush = self._after_flush
 
     def start(self) -> None:
         self.coordinator.start()
+        self.reporter.start()
+
+    def _cluster_counters(self) -> dict[str, int]:
+        counters = {f"bus.{name}": value for name, value in self.bus.stats.items()}
+        counters["map.resyncs"] = self.coordinator.resyncs
+        return counters
 
     def _after_flush(self) -> None:
         server = self.server
@@ -72,5 +80,6 @@ class ClusterMember(ReplicaHandler):
     def close(self) -> None:
         """Send what is still queued (within a bound), then close the sockets."""
         self._after_flush()
+        self.reporter.close()
         self.bus.close(linger_ms=CLOSE_LINGER_MS)
         self.coordinator.close(linger_ms=CLOSE_LINGER_MS)

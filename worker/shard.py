@@ -126,12 +126,14 @@ class Shard:
         self._timer: asyncio.TimerHandle | None = None
         self.refusals = 0
         self.after_flush: Callable[[], None] | None = None  # the cluster link's hook
+        self.loop_lag = 0.0
+        self._tick_due = 0.0
 
     async def serve(self, sockets: Iterable[socket.socket]) -> None:
         for sock in sockets:
             server = await self.loop.create_server(lambda: ClientProtocol(self), sock=sock)
             self._servers.append(server)
-        self._timer = self.loop.call_later(self.tick_interval, self._tick)
+        self._schedule_tick()
 
     def flush(self) -> None:
         """Write every connection's new output; close what the core killed."""
@@ -155,8 +157,14 @@ class Shard:
                 transport.abort()  # type: ignore[attr-defined]
 
     def _tick(self) -> None:
-        self.server.tick(self.loop.time())
+        now = self.loop.time()
+        self.loop_lag = max(0.0, now - self._tick_due)  # how late this timer fired
+        self.server.tick(now)
         self.flush()
+        self._schedule_tick()
+
+    def _schedule_tick(self) -> None:
+        self._tick_due = self.loop.time() + self.tick_interval
         self._timer = self.loop.call_later(self.tick_interval, self._tick)
 
     def note_refusal(self, reason: str, peer_ip: str) -> None:

@@ -1,0 +1,220 @@
+"""Cluster-wide statistics: the workers' and the coordinator's reports summed
+by the supervisor, exposed as Prometheus metrics and as `cluster status` data.
+
+Counters never go backwards across a worker restart: when a worker process
+ends, its last reported counters are folded into a retired total that stays
+in every sum (``rate()`` then sees no reset at all).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PREFIX = "toxrelay"
+
+# Counter key prefixes in the workers' reports -> (metric, label name, help).
+LABELLED_COUNTERS = {
+    "closed.": ("closed_connections", "reason", "Connections closed, by rule or limit."),
+    "dropped.": ("dropped_packets", "reason", "Packets dropped, by reason."),
+    "refused.": ("refused_connections", "reason", "Connections refused at accept, by limit."),
+    "packets_in.": ("packets_received", "type", "Control packets received from clients, by type."),
+}  # fmt: skip
+PLAIN_COUNTERS = {
+    "accepted": ("accepted_connections", "Sockets accepted."),
+    "relayed": ("relayed_packets", "Data and OOB packets queued to a receiver."),
+    "relayed_bytes": ("relayed_bytes", "Plaintext bytes of relayed packets."),
+    "links": ("links", "Links formed between two clients' slots."),
+    "bus.messages_dropped": ("bus_dropped_messages", "Cross-shard messages dropped: queue full."),
+    "map.resyncs": ("map_resyncs", "Routing map snapshots fetched by workers."),
+    "oob_broadcast": ("oob_broadcasts", "OOB packets offered to every shard (key not yet known)."),
+}  # fmt: skip
+
+
+@dataclass
+class WorkerSample:
+    slot: int
+    shard: int
+    pid: int
+    report: dict
+    received_at: float
+    frames_in_rate: float = 0.0
+    frames_out_rate: float = 0.0
+    cpu_percent: float = 0.0
+
+
+@dataclass
+class ClusterStats:
+    workers: dict[int, WorkerSample] = field(default_factory=dict)  # by shard id
+    retired: Counter = field(default_factory=Counter)
+    coordinator: dict = field(default_factory=dict)
+    worker_restarts: int = 0
+    coordinator_restarts: int = 0
+    slot_of_shard: dict[int, int] = field(default_factory=dict)
+    restarts_by_slot: Counter = field(default_factory=Counter)
+
+    def record(self, shard: int, pid: int, report: dict, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        sample = WorkerSample(self.slot_of_shard.get(shard, -1), shard, pid, report, now)
+        previous = self.workers.get(shard)
+        if previous is not None and now > previous.received_at:
+            elapsed = now - previous.received_at
+            counters, before = report["counters"], previous.report["counters"]
+            sample.frames_in_rate = (
+                counters.get("frames_in", 0) - before.get("frames_in", 0)
+            ) / elapsed
+            sample.frames_out_rate = (
+                counters.get("frames_out", 0) - before.get("frames_out", 0)
+            ) / elapsed
+            sample.cpu_percent = 100 * (report["cpu"] - previous.report["cpu"]) / elapsed
+        self.workers[shard] = sample
+
+    def retire(self, shard: int) -> None:
+        """A worker process ended: keep its counters in the totals forever."""
+        sample = self.workers.pop(shard, None)
+        if sample is not None:
+            self.retired.update(sample.report["counters"])
+
+    def totals(self) -> Counter:
+        total = Counter(self.retired)
+        for sample in self.workers.values():
+            total.update(sample.report["counters"])
+        return total
+
+    def connections(self) -> Counter:
+        total: Counter = Counter({"incoming": 0, "unconfirmed": 0, "confirmed": 0})
+        for sample in self.workers.values():
+            total.update(sample.report["connections"])
+        return total
+
+    def status(self) -> dict:
+        """What `cluster status --json` prints."""
+        rows = []
+        for sample in sorted(self.workers.values(), key=lambda s: (s.slot, s.shard)):
+            report = sample.report
+            rows.append(
+                {
+                    "worker": sample.slot,
+                    "shard": sample.shard,
+                    "pid": sample.pid,
+                    "connections": sum(report["connections"].values()),
+                    "confirmed": report["connections"]["confirmed"],
+                    "frames_in_per_s": round(sample.frames_in_rate, 1),
+                    "frames_out_per_s": round(sample.frames_out_rate, 1),
+                    "cpu_percent": round(sample.cpu_percent, 1),
+                    "rss_bytes": report["rss"],
+                    "restarts": self.restarts_by_slot[sample.slot],
+                    "loop_lag_seconds": round(report["loop_lag"], 4),
+                }
+            )
+        totals = self.totals()
+        return {
+            "workers": rows,
+            "totals": {
+                "connections": sum(self.connections().values()),
+                "confirmed": self.connections()["confirmed"],
+                "frames_in_per_s": round(sum(r["frames_in_per_s"] for r in rows), 1),
+                "frames_out_per_s": round(sum(r["frames_out_per_s"] for r in rows), 1),
+                "rss_bytes": sum(r["rss_bytes"] for r in rows),
+                "frames_in": totals.get("frames_in", 0),
+                "frames_out": totals.get("frames_out", 0),
+                "relayed_packets": totals.get("relayed", 0),
+                "worker_restarts": self.worker_restarts,
+                "coordinator_restarts": self.coordinator_restarts,
+                "map_entries": self.coordinator.get("map_size", 0),
+            },
+        }
+
+
+class ClusterCollector(Collector):
+    """Builds every metric family from ``ClusterStats`` at scrape time."""
+
+    def __init__(self, stats: ClusterStats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator:
+        stats = self.stats
+        totals = stats.totals()
+        families: dict[str, CounterMetricFamily] = {}
+        for key_prefix, (name, label, help_text) in LABELLED_COUNTERS.items():
+            families[key_prefix] = CounterMetricFamily(
+                f"{PREFIX}_{name}", help_text, labels=[label]
+            )
+        for key, value in sorted(totals.items()):
+            for key_prefix, family in families.items():
+                if key.startswith(key_prefix):
+                    family.add_metric([key[len(key_prefix) :]], value)
+                    break
+        yield from families.values()
+        for key, (name, help_text) in PLAIN_COUNTERS.items():
+            yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=totals.get(key, 0))
+        handshakes = CounterMetricFamily(
+            f"{PREFIX}_handshakes", "Hellos answered / connections confirmed.", labels=["result"]
+        )
+        handshakes.add_metric(["replied"], totals.get("handshakes", 0))
+        handshakes.add_metric(["confirmed"], totals.get("confirmed", 0))
+        yield handshakes
+        frames = CounterMetricFamily(
+            f"{PREFIX}_frames", "Frames, by direction.", labels=["direction"]
+        )
+        frames.add_metric(["in"], totals.get("frames_in", 0))
+        frames.add_metric(["out"], totals.get("frames_out", 0))
+        yield frames
+        bus = CounterMetricFamily(
+            f"{PREFIX}_bus_messages", "Cross-shard link messages.", labels=["direction"]
+        )
+        bus.add_metric(["sent"], totals.get("bus.messages_sent", 0))
+        bus.add_metric(["received"], totals.get("bus.messages_received", 0))
+        yield bus
+        connections = GaugeMetricFamily(
+            f"{PREFIX}_connections", "Connections now, by state.", labels=["state"]
+        )
+        for state, value in sorted(stats.connections().items()):
+            connections.add_metric([state], value)
+        yield connections
+        yield GaugeMetricFamily(
+            f"{PREFIX}_workers", "Worker processes running.", value=len(stats.workers)
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_map_entries",
+            "Keys in the routing map.",
+            value=stats.coordinator.get("map_size", 0),
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_worker_restarts",
+            "Workers restarted by the supervisor.",
+            value=stats.worker_restarts,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_coordinator_restarts",
+            "Coordinator restarts.",
+            value=stats.coordinator_restarts,
+        )
+        lag = GaugeMetricFamily(
+            f"{PREFIX}_event_loop_lag_seconds",
+            "How late the worker's 1 s timer fired.",
+            labels=["worker"],
+        )
+        rss = GaugeMetricFamily(
+            f"{PREFIX}_worker_resident_memory_bytes",
+            "Resident memory of each worker.",
+            labels=["worker"],
+        )
+        cpu = CounterMetricFamily(
+            f"{PREFIX}_worker_cpu_seconds",
+            "CPU time of each worker process.",
+            labels=["worker", "shard"],
+        )
+        for sample in stats.workers.values():
+            worker = str(sample.slot)
+            lag.add_metric([worker], sample.report["loop_lag"])
+            rss.add_metric([worker], sample.report["rss"])
+            cpu.add_metric([worker, str(sample.shard)], sample.report["cpu"])
+        yield lag
+        yield rss
+        yield cpu
