@@ -47,6 +47,7 @@ def main() -> int:
         sockets,
         announce,
         ClusterSpec(shard_id, Path(spec["runtime_dir"])),
+        spec["backlog"],
     )
     return 0
 

@@ -107,6 +107,7 @@ async def serve_until_stopped(
     sockets: list[socket.socket],
     on_ready: Callable[[list[str]], None],
     cluster: ClusterSpec | None = None,
+    backlog: int = 1024,
 ) -> None:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
@@ -116,7 +117,7 @@ async def serve_until_stopped(
     member = ClusterMember(shard, cluster.runtime_dir) if cluster else None
     if cluster is not None:
         _stop_when_orphaned(loop, os.getppid(), stopping)
-    await shard.serve(sockets)
+    await shard.serve(sockets, backlog)
     if member is not None:
         member.start()
     on_ready([format_address(sock) for sock in sockets])
@@ -136,6 +137,7 @@ def run_shard(
     sockets: list[socket.socket],
     on_ready: Callable[[list[str]], None],
     cluster: ClusterSpec | None = None,
+    backlog: int = 1024,
 ) -> None:
     """Serve on ``sockets`` with uvloop until SIGINT/SIGTERM."""
-    uvloop.run(serve_until_stopped(secret_key, options, sockets, on_ready, cluster))
+    uvloop.run(serve_until_stopped(secret_key, options, sockets, on_ready, cluster, backlog))

@@ -129,9 +129,13 @@ class Shard:
         self.loop_lag = 0.0
         self._tick_due = 0.0
 
-    async def serve(self, sockets: Iterable[socket.socket]) -> None:
+    async def serve(self, sockets: Iterable[socket.socket], backlog: int = 1024) -> None:
         for sock in sockets:
-            server = await self.loop.create_server(lambda: ClientProtocol(self), sock=sock)
+            # create_server listens again on the socket: without backlog= it
+            # would quietly shrink the configured backlog to asyncio's 100.
+            server = await self.loop.create_server(
+                lambda: ClientProtocol(self), sock=sock, backlog=backlog
+            )
             self._servers.append(server)
         self._schedule_tick()
 

@@ -50,7 +50,7 @@ def test_format_address() -> None:
 
 def test_open_file_limit_is_raised_to_the_hard_limit() -> None:
     """Run in a child whose soft limit starts low; it must end at the hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     code = (
         "import resource, logging\n"
         "from worker.process import raise_open_file_limit\n"
@@ -67,3 +67,27 @@ def test_open_file_limit_is_raised_to_the_hard_limit() -> None:
     assert reported == actual == expected
     assert actual > 256
     assert "open-file limit is" in result.stderr  # below the (huge) minimum: a warning
+
+
+def test_configured_backlog_survives_create_server() -> None:
+    """asyncio's create_server(sock=...) listens again; the shard must pass the
+    configured backlog or the kernel queue shrinks to 100 (found by loadtest)."""
+    import asyncio
+
+    from relaycore.options import RelayOptions
+    from worker.shard import Shard
+
+    async def scenario() -> int:
+        sock = open_listening_socket("127.0.0.1", 0, 16)
+        port = sock.getsockname()[1]
+        shard = Shard(bytes(32), RelayOptions(), asyncio.get_running_loop())
+        await shard.serve([sock], backlog=777)
+        try:
+            listing = subprocess.run(
+                ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+            ).stdout.split()
+            return int(listing[2])  # Send-Q of a listener = its backlog
+        finally:
+            await shard.stop()
+
+    assert asyncio.run(scenario()) == 777
