@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cluster.config import ConfigError, RelayConfig, load_config
 from cluster.keys import KeysFileError, create_keys, load_keys, load_or_create_keys
+from cluster.loadtest.cli import add_parser as add_loadtest_parser
 from worker.logs import configure_logging
 
 DEFAULT_KEYS = RelayConfig().keys_file
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print one JSON object and exit")
     status.add_argument("--once", action="store_true", help="print the table once and exit")
     status.set_defaults(handler=_cmd_status)
+
+    add_loadtest_parser(sub)
     return parser
 
 

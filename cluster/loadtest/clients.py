@@ -1,0 +1,149 @@
+"""The load generator's client: ``cluster.client.RelayClient`` with a fast receive path.
+
+``LoadClient`` hands incoming packets straight from ``data_received`` to a
+callback (the ``ops/bench/pair_compare.py`` idea: no task switch per packet,
+so timings are not dominated by the event loop), and lets the callback queue
+several frames and write them with one ``flush()``. Also: opening a
+connection from a chosen source address, classifying why one failed, and
+linking two clients (routing requests both ways, both notifications).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Callable
+
+from cluster.client import ConnectionClosed, RelayClient
+from relaycore.packets import (
+    ConnectNotification,
+    DisconnectNotification,
+    Packet,
+    RoutingResponse,
+)
+
+PacketCallback = Callable[[list[Packet]], None]
+
+# Failure causes, as reported.
+REFUSED = "refused"
+RESET = "reset"
+TIMEOUT = "timeout"
+BAD_REPLY = "bad reply"
+NO_ADDRESS = "no source port"
+OTHER = "other"
+
+
+class LinkError(Exception):
+    """A pair could not be linked; ``cause`` is one of the reported causes."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+class LoadClient(RelayClient):
+    """A RelayClient whose packets go to ``on_packets`` as they arrive, when it is set.
+
+    Without a callback the normal event queue (``next_event``) is used, as
+    while linking. The callback may queue frames with ``queue``; they are
+    written together after it returns.
+    """
+
+    on_packets: PacketCallback | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        callback = self.on_packets
+        if callback is not None:
+            packets = self.pending_events()
+            if packets:
+                callback(packets)
+                self.flush()
+
+    def queue(self, packet: Packet) -> None:
+        """Encrypt and frame ``packet`` without writing it yet (see ``flush``)."""
+        self.core.send(packet)
+
+    def flush(self) -> None:
+        """Write every queued frame with one transport write."""
+        self._flush()
+
+
+def failure_cause(error: BaseException) -> str:
+    """refused / reset / timeout / bad reply / no source port / other."""
+    if isinstance(error, TimeoutError):
+        return TIMEOUT
+    if isinstance(error, ConnectionRefusedError):
+        return REFUSED
+    if isinstance(error, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
+        return RESET
+    if isinstance(error, ConnectionClosed):
+        # "relay broke R-...": the reply (or a frame) was not what a relay may send.
+        return BAD_REPLY if error.reason.startswith("relay broke") else RESET
+    if isinstance(error, OSError) and error.errno == errno.EADDRNOTAVAIL:
+        return NO_ADDRESS
+    return OTHER
+
+
+async def open_client(
+    address: str,
+    port: int,
+    server_public_key: bytes,
+    secret_key: bytes,
+    source_address: str | None,
+    timeout: float,
+) -> LoadClient:
+    """Handshake plus the confirming PING round trip (as toxcore); raises on failure."""
+    client = await LoadClient.connect(
+        address,
+        port,
+        server_public_key,
+        secret_key=secret_key,
+        local_addr=(source_address, 0) if source_address else None,
+        timeout=timeout,
+    )
+    assert isinstance(client, LoadClient)
+    return client
+
+
+async def await_link(client: LoadClient, peer_key: bytes) -> int:
+    """Wait for the RoutingResponse for ``peer_key`` and its ConnectNotification; the id."""
+    connection_id: int | None = None
+    connected: set[int] = set()
+    while connection_id is None or connection_id not in connected:
+        try:
+            event = await client.next_event(timeout=None)
+        except ConnectionClosed:
+            raise LinkError("closed while linking") from None
+        if isinstance(event, RoutingResponse) and event.public_key == peer_key:
+            if event.connection_id == 0:
+                raise LinkError("routing refused")
+            connection_id = event.connection_id
+        elif isinstance(event, ConnectNotification):
+            connected.add(event.connection_id)
+        elif isinstance(event, DisconnectNotification):
+            connected.discard(event.connection_id)
+    return connection_id
+
+
+async def link(a: LoadClient, b: LoadClient, timeout: float) -> tuple[int, int]:
+    """Route a and b to each other; (a's id for b, b's id for a). LinkError on failure."""
+    a.route_request(b.public_key)
+    b.route_request(a.public_key)
+    try:
+        async with asyncio.timeout(timeout), asyncio.TaskGroup() as group:
+            a_side = group.create_task(await_link(a, b.public_key))
+            b_side = group.create_task(await_link(b, a.public_key))
+    except TimeoutError:
+        raise LinkError("link timeout") from None
+    except ExceptionGroup as failed:  # one side failed; the TaskGroup cancelled the other
+        first = failed.exceptions[0]
+        if isinstance(first, LinkError):
+            raise first from None
+        raise
+    return a_side.result(), b_side.result()
+
+
+async def close_all(clients: list[LoadClient]) -> None:
+    """Close every client (errors ignored)."""
+    await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)

@@ -1,0 +1,247 @@
+"""``throughput`` and ``oob``: pairs of clients echoing windows of packets.
+
+Each pair is linked (throughput: routing requests both ways, both connect
+notifications) or just connected (oob: OOB packets go to a public key). From
+t0 both clients of a pair keep ``window`` originals of ``size`` bytes in
+flight to the other, which echoes each one back at once; every echo lets the
+sender send the next original and gives one round-trip sample. Frames are
+counted when received, so "relayed frames" is what the relay delivered.
+After warm-up and the measured window no new originals are sent; the echoes
+still missing after ``drain`` seconds are the lost packets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable
+
+from cluster.loadtest.clients import (
+    LinkError,
+    LoadClient,
+    close_all,
+    failure_cause,
+    link,
+)
+from cluster.loadtest.modes.base import ModeRunner, in_lanes, sleep_until
+from cluster.loadtest.payload import (
+    HEADER,
+    HEADER_SIZE,
+    ORIGINAL,
+    SEQUENCE_MODULUS,
+    echo_of,
+    original,
+)
+from cluster.loadtest.spec import WorkerSpec
+from relaycore.packets import (
+    DisconnectNotification,
+    OobReceive,
+    OobSend,
+    Packet,
+    Ping,
+    Pong,
+    RoutedData,
+)
+
+INTERRUPTED_DRAIN_S = 1.0  # at most this long waiting for echoes after Ctrl-C
+DRAIN_POLL_S = 0.01
+_HALF_SEQUENCE = SEQUENCE_MODULUS // 2
+
+
+def data_on(connection_id: int) -> Callable[[bytes], Packet]:
+    """payload -> routed data on ``connection_id``."""
+    return lambda payload: RoutedData(connection_id, payload)
+
+
+def oob_to(public_key: bytes) -> Callable[[bytes], Packet]:
+    """payload -> an OOB packet to ``public_key``."""
+    return lambda payload: OobSend(public_key, payload)
+
+
+class Endpoint:
+    """One client of a pair: originates, echoes, and times its echoes."""
+
+    __slots__ = ("run", "client", "wrap", "peer", "sent", "echoed", "next_echo", "next_original")
+
+    def __init__(
+        self,
+        run: TrafficRunner,
+        client: LoadClient,
+        wrap: Callable[[bytes], Packet],
+        peer: int | bytes,
+    ) -> None:
+        self.run = run
+        self.client = client
+        self.wrap = wrap  # payload -> the packet that carries it to the partner
+        self.peer = peer  # connection id (data) or public key (OOB) the partner's packets carry
+        self.sent = 0
+        self.echoed = 0
+        self.next_echo = 0
+        self.next_original = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self.sent - self.echoed
+
+    def originate(self, count: int) -> None:
+        """Queue ``count`` new originals (written by the caller's flush)."""
+        filler = self.run.filler
+        for _ in range(count):
+            self.client.queue(self.wrap(original(self.sent, time.perf_counter(), filler)))
+            self.sent += 1
+
+    def _in_order(self, sequence: int, expected: int) -> bool:
+        """False for a duplicate or a reordered packet (a gap is loss, counted elsewhere)."""
+        return (sequence - expected) % SEQUENCE_MODULUS < _HALF_SEQUENCE
+
+    def on_packets(self, packets: list[Packet]) -> None:
+        run = self.run
+        now = time.perf_counter()
+        errors = run.result.errors
+        frames = 0
+        for packet in packets:
+            kind = type(packet)
+            if kind is RoutedData:
+                if packet.connection_id != self.peer:  # type: ignore[union-attr]
+                    errors["misdelivered"] += 1
+                    continue
+                payload = packet.payload  # type: ignore[union-attr]
+            elif kind is OobReceive:
+                if packet.sender != self.peer:  # type: ignore[union-attr]
+                    errors["misdelivered"] += 1
+                    continue
+                payload = packet.data  # type: ignore[union-attr]
+            elif kind is Ping or kind is Pong:
+                continue  # server pings are answered by the protocol core
+            elif kind is DisconnectNotification:
+                errors["disconnected"] += 1
+                continue
+            else:
+                errors["unexpected packet"] += 1
+                continue
+            if len(payload) != run.size:
+                errors["bad payload"] += 1
+                continue
+            flag, sequence, sent_at = HEADER.unpack_from(payload)
+            frames += 1
+            if flag == ORIGINAL:
+                if not self._in_order(sequence, self.next_original):
+                    errors["out of order"] += 1
+                self.next_original = (sequence + 1) % SEQUENCE_MODULUS
+                self.client.queue(self.wrap(echo_of(payload)))
+            else:
+                self.echoed += 1
+                if not self._in_order(sequence, self.next_echo):
+                    errors["out of order"] += 1
+                self.next_echo = (sequence + 1) % SEQUENCE_MODULUS
+                if run.measure_from <= now < run.measure_until:
+                    run.result.latency.add(now - sent_at)
+                if run.originating and self.sent - self.echoed < run.window:
+                    self.originate(1)
+        if frames:
+            run.count_frames(now, frames)
+
+
+class TrafficRunner(ModeRunner):
+    """Routed data (``throughput``) or OOB (``oob``) echo traffic between pairs."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        super().__init__(spec)
+        self.oob = self.options.mode == "oob"
+        self.size = self.options.size
+        self.window = self.options.window
+        self.filler = self.random.bytes(self.size - HEADER_SIZE)
+        self.endpoints: list[Endpoint] = []
+        self.originating = False
+        self.measure_from = math.inf
+        self.measure_until = -math.inf
+        self.frames_total = 0
+
+    # -- setup ---------------------------------------------------------------
+
+    async def setup(self) -> None:
+        random = self.random
+        keys = [(random.secret_key(), random.secret_key()) for _ in range(self.spec.units)]
+
+        async def open_pair(i: int) -> None:
+            await self._open_pair(2 * i, *keys[i])
+
+        await in_lanes(len(keys), self.spec.concurrency, open_pair)
+        self.result.counts["pairs"] = self.ready_units
+
+    async def _open_pair(self, n: int, a_key: bytes, b_key: bytes) -> None:
+        opened = await asyncio.gather(
+            self.connect(a_key, n), self.connect(b_key, n + 1), return_exceptions=True
+        )
+        clients = [c for c in opened if isinstance(c, LoadClient)]
+        failures = [e for e in opened if not isinstance(e, LoadClient)]
+        for failure in failures:
+            if isinstance(failure, asyncio.CancelledError):
+                raise failure
+            self.result.errors[f"connect: {failure_cause(failure)}"] += 1
+        if failures:
+            await close_all(clients)
+            return
+        a, b = clients
+        if self.oob:
+            a_peer: int | bytes = b.public_key
+            b_peer: int | bytes = a.public_key
+            a_wrap, b_wrap = oob_to(b.public_key), oob_to(a.public_key)
+        else:
+            try:
+                a_id, b_id = await link(a, b, self.options.link_timeout)
+            except LinkError as error:
+                self.result.errors[f"link: {error.cause}"] += 1
+                await close_all([a, b])
+                return
+            a_peer, b_peer = a_id, b_id
+            a_wrap, b_wrap = data_on(a_id), data_on(b_id)
+        for client, wrap, peer in ((a, a_wrap, a_peer), (b, b_wrap, b_peer)):
+            endpoint = Endpoint(self, client, wrap, peer)
+            client.pending_events()  # leftovers of the link phase
+            client.on_packets = endpoint.on_packets
+            self.endpoints.append(endpoint)
+            self.keep(client)
+        self.ready_units += 1
+
+    # -- run -----------------------------------------------------------------
+
+    def events(self) -> int:
+        return self.frames_total
+
+    def count_frames(self, now: float, frames: int) -> None:
+        self.frames_total += frames
+        assert self.t0 is not None
+        self.result.timeline.add(now - self.t0, frames)
+        if self.measure_from <= now < self.measure_until:
+            counts = self.result.counts
+            counts["frames"] += frames
+            counts["payload bytes"] += frames * self.size
+
+    async def run(self, t0: float, stop: asyncio.Event) -> None:
+        options = self.options
+        self.t0 = t0
+        self.measure_from = t0 + options.warmup
+        self.measure_until = self.measure_from + options.duration
+        self.result.window_start = self.measure_from
+        self.result.window_end = self.measure_until
+        if not await sleep_until(t0, stop):
+            self.originating = True
+            for endpoint in self.endpoints:
+                endpoint.originate(self.window)
+                endpoint.client.flush()
+            await sleep_until(self.measure_until, stop)
+        now = time.perf_counter()
+        if now < self.measure_until:  # stopped early: the window ends here
+            self.measure_until = self.result.window_end = now
+        self.originating = False
+        drain = min(options.drain, INTERRUPTED_DRAIN_S) if stop.is_set() else options.drain
+        drain_until = time.perf_counter() + drain
+        while time.perf_counter() < drain_until and any(e.in_flight for e in self.endpoints):
+            await asyncio.sleep(DRAIN_POLL_S)
+        self.result.timeline.add(time.perf_counter() - t0, 0)  # spans the run
+        counts = self.result.counts
+        counts["sent"] = sum(e.sent for e in self.endpoints)
+        counts["echoed"] = sum(e.echoed for e in self.endpoints)
+        counts["frames total"] = self.frames_total
