@@ -347,10 +347,8 @@ class Supervisor:
 
     async def _stop_children(self) -> None:
         self._stopping = True
-        workers = [slot.process for slot in self.slots if slot.process is not None]
-        await asyncio.gather(*(self._terminate(process) for process in workers))
-        if self.coordinator.process is not None:
-            await self._terminate(self.coordinator.process)
+        children = [slot.process for slot in [*self.slots, self.coordinator] if slot.process]
+        await asyncio.gather(*(self._terminate(process) for process in children))
         for task in list(self._tasks):
             task.cancel()
         for sample in list(self.stats.workers):

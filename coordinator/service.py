@@ -155,8 +155,16 @@ class CoordinatorService:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         next_heartbeat = 0.0
+        previous_turn = time.monotonic()
         while self.running:
             now = time.monotonic()
+            if now - previous_turn > WORKER_SILENCE_LIMIT / 2:
+                # We were not running (SIGSTOP, a stalled host): the workers'
+                # heartbeats are queued unread, so their silence proves nothing.
+                log.warning("coordinator paused %.1f s: not judging silence", now - previous_turn)
+                for shard in self.last_seen:
+                    self.last_seen[shard] = now
+            previous_turn = now
             if now >= next_heartbeat:
                 if os.getppid() != self.parent:
                     log.error("supervisor (pid %d) is gone: stopping", self.parent)

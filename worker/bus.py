@@ -23,13 +23,32 @@ import zmq
 
 log = logging.getLogger("worker.bus")
 
-SEND_HIGH_WATER_MARK = 10_000  # batches queued per destination before drops
-RECEIVE_HIGH_WATER_MARK = 100_000
+# Bounds: a batch holds at most MAX_BATCH_BYTES of payload (larger turns are
+# split), and at most SEND_HIGH_WATER_MARK batches wait per destination (plus
+# RECEIVE_HIGH_WATER_MARK at a receiver), so a stuck peer costs a sender at
+# most about 256 x 64 KiB = 16 MiB before its batches are dropped and counted.
+MAX_BATCH_BYTES = 64 * 1024
+SEND_HIGH_WATER_MARK = 256
+RECEIVE_HIGH_WATER_MARK = 1024
 RECEIVE_BATCHES_PER_TURN = 256
 
 
 def shard_endpoint(runtime_dir: Path, shard: int) -> str:
     return f"ipc://{runtime_dir / f'shard-{shard}.sock'}"
+
+
+def _split(messages: list) -> list[list]:
+    """Cut one turn's messages into batches of about MAX_BATCH_BYTES payload."""
+    batches, batch, size = [], [], 0
+    for message in messages:
+        batch.append(message)
+        size += 64 + len(message[-1]) if isinstance(message[-1], bytes) else 64
+        if size >= MAX_BATCH_BYTES:
+            batches.append(batch)
+            batch, size = [], 0
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 class PeerBus:
@@ -87,18 +106,18 @@ class PeerBus:
     def _flush(self) -> None:
         self._flush_scheduled = False
         outgoing, self._outgoing = self._outgoing, {}
-        for destination, batch in outgoing.items():
-            try:
-                self._socket_for(destination).send(
-                    msgpack.packb([self.shard, batch], use_bin_type=True), zmq.NOBLOCK
-                )
-                self.stats["messages_sent"] += len(batch)
-                self.stats["batches_sent"] += 1
-            except zmq.Again:
-                self.stats["messages_dropped"] += len(batch)  # destination stuck
-                if self.stats["drop_events"] % 1000 == 0:
-                    log.warning("peer bus to shard %d is full: dropping", destination)
-                self.stats["drop_events"] += 1
+        for destination, messages in outgoing.items():
+            sock = self._socket_for(destination)
+            for batch in _split(messages):
+                try:
+                    sock.send(msgpack.packb([self.shard, batch], use_bin_type=True), zmq.NOBLOCK)
+                    self.stats["messages_sent"] += len(batch)
+                    self.stats["batches_sent"] += 1
+                except zmq.Again:
+                    self.stats["messages_dropped"] += len(batch)  # destination stuck
+                    if self.stats["drop_events"] % 1000 == 0:
+                        log.warning("peer bus to shard %d is full: dropping", destination)
+                    self.stats["drop_events"] += 1
 
     def forget(self, shard: int) -> None:
         """A shard is gone: stop queueing for it."""

@@ -1,0 +1,1 @@
+"""Real-process tests of `cluster start --workers N` (cross-shard relaying, faults)."""
