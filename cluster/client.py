@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
+from collections.abc import Callable
 from typing import TypeVar
 
 from relaycore.client import ClientConnection, ClientState
@@ -44,7 +45,15 @@ class ConnectionClosed(Exception):
 
 
 class RelayClient(asyncio.Protocol):
-    """One connection to a relay, speaking the client role."""
+    """One connection to a relay, speaking the client role.
+
+    Packets are queued as events (``next_event``), or, while ``on_packets`` is
+    set, handed to it as they arrive, with no task switch per packet (what a
+    load generator or a latency benchmark needs); frames it ``queue``s leave
+    in one write when it returns.
+    """
+
+    on_packets: Callable[[list[Packet]], None] | None = None
 
     def __init__(self, core: ClientConnection) -> None:
         self.core = core
@@ -115,6 +124,7 @@ class RelayClient(asyncio.Protocol):
         if self.core.state is ClientState.CONNECTED and not self._handshake_done.done():
             self._handshake_done.set_result(None)
         self._flush()
+        events = []
         for packet in packets:
             if isinstance(packet, Pong):
                 waiter = self._pong_waiters.pop(packet.ping_id, None)
@@ -122,8 +132,15 @@ class RelayClient(asyncio.Protocol):
                     if not waiter.done():
                         waiter.set_result(None)
                     continue
-            self._events.append(packet)
-        if packets and self._event_waiter is not None and not self._event_waiter.done():
+            events.append(packet)
+        callback = self.on_packets
+        if callback is not None:
+            if events:
+                callback(events)
+                self._flush()
+            return
+        self._events.extend(events)
+        if events and self._event_waiter is not None and not self._event_waiter.done():
             self._event_waiter.set_result(None)
         if len(self._events) >= EVENT_QUEUE_LIMIT and not self._reading_paused:
             self._reading_paused = True
@@ -140,6 +157,14 @@ class RelayClient(asyncio.Protocol):
 
     def send(self, packet: Packet) -> None:
         self.core.send(packet)
+        self._flush()
+
+    def queue(self, packet: Packet) -> None:
+        """Frame ``packet`` without writing it yet (``flush`` writes)."""
+        self.core.send(packet)
+
+    def flush(self) -> None:
+        """Write every queued frame in one transport write."""
         self._flush()
 
     def send_plain(self, plain: bytes) -> None:

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Callable
 
 from cluster.client import ConnectionClosed, RelayClient
 from relaycore.packets import (
     ConnectNotification,
     DisconnectNotification,
-    Packet,
     RoutingResponse,
 )
-
-PacketCallback = Callable[[list[Packet]], None]
 
 # Failure causes, as reported.
 REFUSED = "refused"
@@ -42,31 +38,9 @@ class LinkError(Exception):
 
 
 class LoadClient(RelayClient):
-    """A RelayClient whose packets go to ``on_packets`` as they arrive, when it is set.
-
-    Without a callback the normal event queue (``next_event``) is used, as
-    while linking. The callback may queue frames with ``queue``; they are
-    written together after it returns.
-    """
-
-    on_packets: PacketCallback | None = None
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        callback = self.on_packets
-        if callback is not None:
-            packets = self.pending_events()
-            if packets:
-                callback(packets)
-                self.flush()
-
-    def queue(self, packet: Packet) -> None:
-        """Encrypt and frame ``packet`` without writing it yet (see ``flush``)."""
-        self.core.send(packet)
-
-    def flush(self) -> None:
-        """Write every queued frame with one transport write."""
-        self._flush()
+    """The generator's client: ``RelayClient`` with its ``on_packets`` fast path
+    (packets straight from ``data_received`` to the mode's callback; frames
+    queued there leave in one write)."""
 
 
 def failure_cause(error: BaseException) -> str:

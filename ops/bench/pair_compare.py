@@ -121,22 +121,9 @@ COUNTS: tuple[str, ...] = ("handshake_failures", "data_rtt_samples", "ping_rtt_s
 
 
 class BenchClient(RelayClient):
-    """A RelayClient that can hand incoming packets to a callback as they arrive.
-
-    With ``on_packets`` set, packets go straight from ``data_received`` to the
-    callback (no task switch per packet, which would dominate a fast relay's RTT);
-    without it, the normal event queue (``next_event``/``expect``) is used.
-    """
-
-    on_packets: Callable[[list[Packet]], None] | None = None
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        callback = self.on_packets
-        if callback is not None:
-            packets = self.pending_events()
-            if packets:
-                callback(packets)
+    """``RelayClient`` timed through its ``on_packets`` fast path: packets go
+    straight from ``data_received`` to the callback (no task switch per packet,
+    which would dominate a fast relay's RTT); without it, the event queue."""
 
 
 async def connect(relay: Relay) -> BenchClient:
