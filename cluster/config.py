@@ -39,7 +39,7 @@ class RelayConfig:
     max_unconfirmed: int = _CORE_DEFAULTS.max_unconfirmed
     output_soft_limit: int = _CORE_DEFAULTS.output_soft_limit
     output_hard_limit: int = _CORE_DEFAULTS.output_hard_limit
-    listen_backlog: int = 1024
+    listen_backlog: int = 4096
     min_open_files: int = 4096
     shard_ports: bool = False
     metrics: str = ""  # "ADDR:PORT" for the Prometheus endpoint; "" = off

@@ -19,7 +19,7 @@ class RelayOptions:
     max_connections_per_ip: int = 0
     # INCOMING + UNCONFIRMED at once; further connections are refused (closed
     # at once) instead of evicting older handshakes as 0.2.18's rings do.
-    max_unconfirmed: int = 1024
+    max_unconfirmed: int = 8192
     # Non-priority packets (relayed data, OOB, onion/forward responses) are
     # dropped while the receiver has more than this many bytes unsent (R-OUT-2).
     output_soft_limit: int = 64 * 1024
