@@ -205,6 +205,7 @@ class RelayServer:
         self._waiting: set[ServerConnection] = set()  # connections waiting for an answer
         self._clock = 0.0  # the latest `now` seen, for map updates (which carry none)
         self._doomed: dict[RemotePeer, float] = {}
+        self._dropped_shards: set[ShardId] = set()  # DROP_SHARD seen, no SET since
         self._wanting: dict[bytes, set[ServerConnection]] = {}  # key -> local holders of a slot
         self._bus: list[tuple[ShardId, tuple]] = []
         self._registry: list[tuple] = []
@@ -636,6 +637,15 @@ class RelayServer:
         elif kind == Link.WANT or kind == Link.LINKED:
             _, from_pk, from_epoch, to_pk, to_epoch = message
             remote = RemotePeer(from_shard, from_pk, from_epoch)
+            if from_shard in self._dropped_shards:
+                # Sent before that shard died (or was dropped while alive), read
+                # after its DROP_SHARD: a link made now would never end. No
+                # link; if it lives, the answer ends its side, and the SETs of
+                # its registering again make us WANT again.
+                self.stats["dropped.dead_shard"] += 1
+                reply = Link.NOLINK if kind == Link.WANT else Link.UNLINK
+                self._send_link(reply, to_pk, to_epoch, remote)
+                return
             self._linked_by_remote(remote, to_pk, to_epoch, answer=kind == Link.WANT, now=now)
         elif kind == Link.NOLINK:
             _, from_pk, from_epoch, to_pk, to_epoch = message
@@ -660,6 +670,7 @@ class RelayServer:
                         self.kill(old, "R-CONF-3")
                 else:
                     self._doom(RemotePeer(replaced_shard, public_key, replaced_epoch))
+            self._dropped_shards.discard(shard)  # (dropped while alive, registers again)
             if shard == self.shard:
                 self.directory.pop(public_key, None)
                 return
@@ -681,15 +692,30 @@ class RelayServer:
             if shard == self.shard:
                 # The coordinator took us for dead (silent too long): the other
                 # shards ended their links to our clients, so ours end too, and
-                # the adapter registers our clients again.
+                # the adapter registers our clients again. Each is UNLINKed and
+                # WANTed again on the bus: a link made after a shard had read
+                # this drop (and the SET of a client we confirmed meanwhile) is
+                # still up there, and a shard that missed this update never
+                # ended its side; a registration that changes nothing makes
+                # no SET to make them WANT.
+                ended = [(c, r) for r, holders in self._remote_links.items() for c in holders]
+                for connection, remote in ended:
+                    self._send_link(Link.UNLINK, connection.public_key, connection.epoch, remote)  # type: ignore[arg-type]
                 for remote in list(self._remote_links):
                     self._end_remote_links(remote)
+                for connection, remote in ended:
+                    self._send_want(connection, remote)
                 return
             self.peer_shards.discard(shard)
+            self._dropped_shards.add(shard)
             for public_key, remote in list(self.directory.items()):
                 if remote.shard == shard:
                     del self.directory[public_key]
             for remote in [r for r in self._remote_links if r.shard == shard]:
+                # Said on the bus too (lost if that worker is dead): one dropped
+                # while alive may have linked on a LINKED we sent before this.
+                for connection in list(self._remote_links[remote]):
+                    self._send_link(Link.UNLINK, connection.public_key, connection.epoch, remote)  # type: ignore[arg-type]
                 self._end_remote_links(remote)
             for connection in [c for c in self._waiting if c.waiting_for.shard == shard]:  # type: ignore[union-attr]
                 self._stop_waiting(connection, self._clock)
@@ -714,6 +740,15 @@ class RelayServer:
             live = set(snapshot.values())
             for remote in [r for r in self._remote_links if r not in live]:
                 self._end_remote_links(remote)
+            # Our confirmed keys that the map lacks register again: a no-op if
+            # their REGISTER is still on its way, and what our own DROP_SHARD
+            # would have made the adapter do if that was the update we missed.
+            listed = {key for key, _, _ in entries}
+            self._registry.extend(
+                (Registry.REGISTER, key, connection.epoch)
+                for key, connection in self.by_key.items()
+                if key not in listed
+            )
         for public_key, remote in snapshot.items():
             if self.directory.get(public_key) != remote:
                 self.apply_map_update(
@@ -748,8 +783,10 @@ class RelayServer:
         connection waits for the answer before reading its next frame."""
         connection = self._local(to_pk, to_epoch)
         if connection is None:
-            if answer:
-                self._send_link(Link.NOLINK, to_pk, to_epoch, remote)
+            # Our end is gone. A LINKED means theirs linked on a WANT we sent
+            # before it went, and the DEL overtook that WANT (so their doom
+            # found no link to end): end their side too, or it stays linked.
+            self._send_link(Link.NOLINK if answer else Link.UNLINK, to_pk, to_epoch, remote)
             return
         index = connection.slot_of_key.get(remote.public_key)
         if index is None:  # our client does not want theirs (R-ROUTE-7)
@@ -813,6 +850,16 @@ class RelayServer:
         slot.unlink()
         self._forget_remote_link(remote, connection)
         self._send_priority(connection, bytes((3, index + NUM_RESERVED_PORTS)))
+        current = self.directory.get(remote.public_key)
+        if (
+            current is not None
+            and current != remote
+            and connection.state is ConnectionState.CONFIRMED
+        ):
+            # The map has another connection of that key (it replaced this
+            # one): its SET came while this slot was still linked, so the
+            # WANT that SET makes for REQUESTED slots was not sent. Send it.
+            self._send_want(connection, current)
 
     def _forget_remote_link(self, remote: RemotePeer, connection: ServerConnection) -> None:
         holders = self._remote_links.get(remote)

@@ -1,0 +1,1 @@
+"""Model-based tests of the relay cluster: N shards against one plain server."""
