@@ -206,6 +206,7 @@ class RelayServer:
         self._clock = 0.0  # the latest `now` seen, for map updates (which carry none)
         self._doomed: dict[RemotePeer, float] = {}
         self._dropped_shards: set[ShardId] = set()  # DROP_SHARD seen, no SET since
+        self._mapped: set[Epoch] = set()  # our connections whose SET we have seen
         self._wanting: dict[bytes, set[ServerConnection]] = {}  # key -> local holders of a slot
         self._bus: list[tuple[ShardId, tuple]] = []
         self._registry: list[tuple] = []
@@ -340,6 +341,7 @@ class RelayServer:
             if self.by_key.get(connection.public_key) is connection:  # type: ignore[arg-type]
                 del self.by_key[connection.public_key]  # type: ignore[arg-type]
             if self.clustered:
+                self._mapped.discard(connection.epoch)
                 self._registry.append(
                     (Registry.UNREGISTER, connection.public_key, connection.epoch)
                 )
@@ -673,6 +675,7 @@ class RelayServer:
             self._dropped_shards.discard(shard)  # (dropped while alive, registers again)
             if shard == self.shard:
                 self.directory.pop(public_key, None)
+                self._mapped.add(epoch)
                 return
             remote = self.directory[public_key] = RemotePeer(shard, public_key, epoch)
             for connection in list(self._wanting.get(public_key, ())):
@@ -736,6 +739,20 @@ class RelayServer:
             if shard != self.shard
         }
         if not merge:
+            # R-CONF-3: a connection of ours that the map had and now maps to
+            # another connection of its key was replaced; the SET saying so
+            # may be the update we missed. (One the map never showed us may
+            # be newer than the snapshot: its SET comes later.)
+            listed = {key: (shard, epoch) for key, shard, epoch in entries}
+            for key, connection in list(self.by_key.items()):
+                entry = listed.get(key)
+                if (
+                    connection.epoch in self._mapped
+                    and entry is not None
+                    and entry != (self.shard, connection.epoch)
+                ):
+                    self.kill(connection, "R-CONF-3")
+            self._mapped.update(e for s, e in listed.values() if s == self.shard)
             self.directory = {}
             live = set(snapshot.values())
             for remote in [r for r in self._remote_links if r not in live]:
@@ -743,7 +760,6 @@ class RelayServer:
             # Our confirmed keys that the map lacks register again: a no-op if
             # their REGISTER is still on its way, and what our own DROP_SHARD
             # would have made the adapter do if that was the update we missed.
-            listed = {key for key, _, _ in entries}
             self._registry.extend(
                 (Registry.REGISTER, key, connection.epoch)
                 for key, connection in self.by_key.items()

@@ -1,12 +1,25 @@
 """An N-shard relay cluster in one process, and the one-server reference.
 
-``SimulatedCluster(n_shards)`` wires N ``RelayServer(shard=i, incarnation=...)``
-shards and one ``coordinator.directory.Directory`` with FIFO channels, as
-docs/architecture.md draws them:
+``SimulatedCluster(n_shards)`` wires N ``RelayServer(shard=i, incarnation=i)``
+shards (shard ids 1..N; a restarted worker is a new shard id, as
+docs/architecture.md builds it) and one ``coordinator.directory.Directory``
+with FIFO channels:
 
-* registry channel, shard -> coordinator (REGISTER / UNREGISTER events);
-* map-update channel, coordinator -> each shard (sequenced SET / DEL / DROP_SHARD);
-* bus channel per ordered pair of shards (WANT, LINKED, UNLINK, DATA, OOB).
+* registry channel, shard -> coordinator (REGISTER / UNREGISTER events, and
+  snapshot requests, behind the events as on the worker's one DEALER);
+* map-update channel, coordinator -> each shard (sequenced SET / DEL /
+  DROP_SHARD, and heartbeats: live shards for ``set_peer_shards`` and the
+  last sequence number); the shard side follows coordinator/client.py (apply
+  in sequence; a gap buffers and fetches a snapshot, ``reset_directory``);
+* snapshot channel, coordinator -> a shard that asked;
+* bus channel per ordered pair of shards (WANT, LINKED, NOLINK, UNLINK, DATA,
+  OOB); a dead worker's messages already on the bus stay in flight, those
+  towards it are lost.
+
+Faults: ``crash`` (a worker dies; DROP_SHARD; a new worker with a new id),
+``stall`` (the coordinator drops a live worker; it sees its own DROP_SHARD,
+registers its clients again as worker/cluster_member.py does) and
+``lose_update`` (one map update to one worker is lost).
 
 Nothing moves by itself: ``deliver_one(choice)`` delivers the head of one
 non-empty channel picked by the caller, so a test chooses any interleaving
@@ -387,9 +400,10 @@ class SimulatedCluster(_Driver):
         self.announced: set[int] = set()  # live shards, as the heartbeat lists them
         self.lost_updates = 0
         self.resyncs = 0
-        # ``lose_update`` is known to leave a replaced connection alive (see
-        # ``resync_kills``); with this set the model does that kill itself, to
-        # look for further bugs behind that one.
+        # Known gap (test_regressions.py): after a resync the core cannot tell
+        # a connection of its own that the coordinator registered and then
+        # replaced, if it never saw that connection's SET, from one newer
+        # than the snapshot. With this set the model does that kill itself.
         self.resync_kills = False
         self._registered: set[tuple[int, int]] = set()  # (shard, epoch) the coordinator saw
         self.bus: dict[tuple[int, int], deque[tuple]] = {}
@@ -483,7 +497,7 @@ class SimulatedCluster(_Driver):
             assert isinstance(address, int)
             server = self.servers[address]
             sequence, entries = message
-            if self.resync_kills:  # first, as a SET does before its WANTs
+            if self.resync_kills:
                 self._kill_replaced(address, entries)
             server.reset_directory(entries)  # the Clone pattern: replaces the replica
             self.applied[address] = sequence
@@ -497,20 +511,19 @@ class SimulatedCluster(_Driver):
         return True
 
     def _kill_replaced(self, shard: int, entries: list) -> None:
-        """What the core does not do after a resync (a known bug, see
-        test_regressions.py): kill each local connection that the coordinator
-        had registered and that the snapshot maps to another connection of its
-        key, i.e. whose replacing SET (R-CONF-3) was the lost update."""
+        """What the core cannot do alone after a resync: kill each connection
+        of ours that the coordinator had registered (so the snapshot reflects
+        it) and that the snapshot maps to another connection of its key."""
         server = self.servers[shard]
         mapped = {key: (s, e) for key, s, e in entries}
         for key, connection in list(server.by_key.items()):
-            now_mapped = mapped.get(key)
-            if (
-                (shard, connection.epoch) in self._registered
-                and now_mapped is not None
-                and now_mapped != (shard, connection.epoch)
+            now = mapped.get(key)
+            if (shard, connection.epoch) in self._registered and now not in (
+                None,
+                (shard, connection.epoch),
             ):
                 server.kill(connection, "R-CONF-3")
+        self._pump(server)
 
     def _apply_updates(self, shard: int, updates: list[tuple[int, tuple]]) -> None:
         """coordinator/client.py ``_apply``: in sequence; a gap resyncs."""

@@ -6,10 +6,11 @@ clients act concurrently: requests cross on the bus, a map update lags behind
 a registration, a worker dies with messages in flight. Here the same rules
 (inherited from ``ClusterModel``) act on the cluster alone, each followed by a
 few deliveries only (their number and order drawn from ``schedule``); the
-``settle`` rule runs everything to quiescence, lets the timers expire (unlink
-grace, a requester's wait for an answer) and quiesces again. Two more faults
-only make sense here: ``stall`` (a live worker dropped by the coordinator) and
-``lose_update`` (a lost map update: gap, snapshot, Clone resync).
+``settle`` rule sends a coordinator heartbeat, runs everything to quiescence,
+lets the timers expire (unlink grace, a requester's wait for an answer) and
+quiesces again. Two more faults only make sense here: ``stall`` (a live worker
+dropped by the coordinator) and ``lose_update`` (a lost map update: gap,
+snapshot, Clone resync). Most bugs in test_regressions.py came from here.
 
 There is no serial order to compare with, so no invariant 1. Checked:
 
@@ -25,12 +26,11 @@ There is no serial order to compare with, so no invariant 1. Checked:
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import precondition, rule
+from hypothesis.stateful import rule
 
 from tests.cluster_model.simulation import ScheduleChooser, SimulatedCluster, link_problems
 from tests.cluster_model.test_model import EXAMPLES, STEPS, ClusterModel, schedules, shards
@@ -44,9 +44,9 @@ class ConcurrentClusterModel(ClusterModel):
 
     settled = False
 
-    #: Emulate the missing kill after a resync (``SimulatedCluster.resync_kills``)
-    #: so that ``lose_update`` looks for other bugs; test_regressions.py keeps
-    #: the known one (without the emulation) as an expected failure.
+    #: Emulate the kill after a resync that the core cannot make alone
+    #: (``SimulatedCluster.resync_kills``; test_regressions.py keeps the case
+    #: without it as an expected failure), so ``lose_update`` looks further.
     resync_kills = True
 
     def _new_worlds(self, n_shards: int) -> None:
@@ -65,32 +65,19 @@ class ConcurrentClusterModel(ClusterModel):
                 break
         self.settled = False
 
-    #: The map faults an example may use: a stall and a lost update together
-    #: hit a known, unfixed race (see test_regressions.py), so by default one
-    #: example uses at most one kind. ``CLUSTER_MODEL_MAP_FAULTS=mixed``: both.
-    mixed_map_faults = os.environ.get("CLUSTER_MODEL_MAP_FAULTS") == "mixed"
-    map_fault: str | None = None
-
-    def _map_fault_allowed(self, kind: str) -> bool:
-        return self.mixed_map_faults or self.map_fault in (None, kind)
-
-    @precondition(lambda self: self._map_fault_allowed("stall"))
     @rule(shard=shards, schedule=schedules)
     def stall(self, shard: int, schedule: int) -> None:
         """The coordinator drops a live worker (silent 3 s: SIGSTOP, overload);
         it reads its own DROP_SHARD later, ends its side of its links and
         registers its clients again (docs/architecture.md, failure table)."""
-        self.map_fault = "stall"
         where = shard % self.n_shards
         self._run(lambda world: world.stall(where), schedule)
 
-    @precondition(lambda self: self._map_fault_allowed("lose_update"))
     @rule(shard=shards, schedule=schedules)
     def lose_update(self, shard: int, schedule: int) -> None:
         """A map update to one worker is lost (PUB/SUB past its high-water
         mark); the next update or heartbeat shows the gap, the worker fetches a
         snapshot and replaces its replica (Clone pattern, coordinator/client.py)."""
-        self.map_fault = "lose_update"
         where = shard % self.n_shards
         self._run(lambda world: world.lose_update(where), schedule)
 

@@ -50,7 +50,7 @@ UNLINK may come first). test_regressions.py keeps the case.
 
 ``test_concurrent.py`` runs the same rules without quiescence between steps.
 
-``CLUSTER_MODEL_EXAMPLES`` (default 200) and ``CLUSTER_MODEL_STEPS`` (default
+``CLUSTER_MODEL_EXAMPLES`` (default 300) and ``CLUSTER_MODEL_STEPS`` (default
 40) size a run, e.g. ``CLUSTER_MODEL_EXAMPLES=5000 pytest tests/cluster_model``.
 """
 
@@ -81,7 +81,7 @@ from tests.cluster_model.simulation import (
     link_problems,
 )
 
-EXAMPLES = int(os.environ.get("CLUSTER_MODEL_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("CLUSTER_MODEL_EXAMPLES", "300"))
 STEPS = int(os.environ.get("CLUSTER_MODEL_STEPS", "40"))
 
 #: The delivery order of one step's quiescence (see ScheduleChooser).
