@@ -1,6 +1,10 @@
-"""Shrunk failing cases of the cluster model (test_model.py), replayed step by
-step with every invariant checked after each step. Each names the bug it found
-and the rule / invariant it broke."""
+"""Shrunk failing cases of the cluster models (test_model.py, quiesced after
+every step and compared with one server; test_concurrent.py, without
+quiescence, with stalls and lost map updates), replayed step by step with the
+invariants checked after each step (the concurrent model: once settled), or
+with explicit deliveries. Each docstring names the rule and invariant broken,
+the bug, and the fix; or says the expectation of the model was wrong; or, for
+an expected failure, why the bug is left open."""
 
 from __future__ import annotations
 
