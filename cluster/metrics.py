@@ -113,11 +113,12 @@ class ClusterStats:
                 }
             )
         totals = self.totals()
+        connections = self.connections()
         return {
             "workers": rows,
             "totals": {
-                "connections": sum(self.connections().values()),
-                "confirmed": self.connections()["confirmed"],
+                "connections": sum(connections.values()),
+                "confirmed": connections["confirmed"],
                 "frames_in_per_s": round(sum(r["frames_in_per_s"] for r in rows), 1),
                 "frames_out_per_s": round(sum(r["frames_out_per_s"] for r in rows), 1),
                 "rss_bytes": sum(r["rss_bytes"] for r in rows),
