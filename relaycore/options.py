@@ -26,6 +26,13 @@ class RelayOptions:
     # A connection whose unsent output would grow past this is killed (R-OUT-1
     # has no bound in 0.2.18; ours must have one).
     output_hard_limit: int = 1024 * 1024
+    # Onion (type 8) and forward (type 10) requests a client may send: a
+    # token bucket of this rate per second and burst; further ones are dropped
+    # and counted (the reference has no limit). 0 = unlimited.
+    onion_rate_per_client: float = 50.0
+    onion_burst_per_client: float = 200.0
+    # The same for all clients of one worker together (burst = one second's).
+    onion_rate_per_worker: float = 20000.0
     ping_interval: float = 30.0  # R-PING-2
     ping_timeout: float = 10.0  # R-PING-4
 

@@ -27,6 +27,21 @@ from relaycore.crypto import CryptoError, beforenm, generate_keypair, public_key
 from relaycore.errors import ProtocolViolation
 from relaycore.framing import SecureChannel
 from relaycore.handshake import make_server_reply, open_client_hello
+from relaycore.onion import (
+    NET_PACKET_FORWARD_REPLY,
+    NET_PACKET_ONION_RECV_1,
+    Datagram,
+    Dropped,
+    OnionSecrets,
+    ReturnPath,
+    TokenBucket,
+    forward_reply,
+    forwarding,
+    onion_recv_1,
+    onion_send_1,
+    return_period,
+    seal_return_block,
+)
 from relaycore.options import RelayOptions
 from relaycore.packets import (
     ConnectNotification,
@@ -119,6 +134,7 @@ class ServerConnection:
         "peer_closed",
         "close_reason",
         "handle",
+        "onion_budget",
     )
 
     def __init__(self, serial: int, peer_ip: str, now: float) -> None:
@@ -146,6 +162,7 @@ class ServerConnection:
         self.peer_closed = False
         self.close_reason: str | None = None
         self.handle: object = None  # the adapter's own reference (its transport)
+        self.onion_budget: TokenBucket | None = None  # made at its first type 8/10
 
     def __repr__(self) -> str:
         key = self.public_key.hex()[:8] if self.public_key else "-"
@@ -176,17 +193,21 @@ class RelayServer:
         keypair: Callable[[], tuple[bytes, bytes]] = generate_keypair,
         shard: ShardId | None = None,
         incarnation: int = 0,
+        onion_secrets: OnionSecrets | None = None,
     ) -> None:
         """``shard`` set = one shard of a cluster: the server then reports
         registrations (``take_registry``), sends link messages for other shards
         (``take_bus``) and accepts theirs (``receive_link``, ``apply_map_update``).
-        ``incarnation`` must be cluster-unique per server instance (epochs)."""
+        ``incarnation`` must be cluster-unique per server instance (epochs).
+        ``onion_secrets``: the cluster's shared onion/forwarding keys (random
+        when None: fine for a stand-alone relay)."""
         self.secret_key = secret_key
         self.public_key = public_key_of(secret_key)
         self.options = options or RelayOptions()
         self._random_bytes = random_bytes
         self._keypair = keypair
         self.by_key: dict[bytes, ServerConnection] = {}  # CONFIRMED only (R-CONF-5)
+        self.by_epoch: dict[Epoch, ServerConnection] = {}  # the same, for UDP return paths
         self.pending: set[ServerConnection] = set()  # INCOMING + UNCONFIRMED
         self.connections_per_ip: Counter[str] = Counter()
         self.connection_count = 0
@@ -210,6 +231,15 @@ class RelayServer:
         self._wanting: dict[bytes, set[ServerConnection]] = {}  # key -> local holders of a slot
         self._bus: list[tuple[ShardId, tuple]] = []
         self._registry: list[tuple] = []
+        # Onion and forwarding first hop (onion-over-tcp.md).
+        self.onion_secrets = onion_secrets or OnionSecrets(os.urandom(32))
+        self._forward_key = self.onion_secrets.forward_key()
+        self._return_keys_period = -1
+        self._return_keys: list[bytes] = []
+        self._onion_budget = TokenBucket(
+            self.options.onion_rate_per_worker, self.options.onion_rate_per_worker, 0.0
+        )
+        self._datagrams: list[Datagram] = []
 
     # ------------------------------------------------------------------
     # Adapter interface
@@ -340,6 +370,7 @@ class RelayServer:
                     self._release_slot(connection, slot)
             if self.by_key.get(connection.public_key) is connection:  # type: ignore[arg-type]
                 del self.by_key[connection.public_key]  # type: ignore[arg-type]
+            self.by_epoch.pop(connection.epoch, None)
             if self.clustered:
                 self._mapped.discard(connection.epoch)
                 self._registry.append(
@@ -417,6 +448,7 @@ class RelayServer:
         connection.ping_id = _ZERO_PING_ID
         connection.state = ConnectionState.CONFIRMED
         self.by_key[key] = connection
+        self.by_epoch[connection.epoch] = connection
         self.stats["confirmed"] += 1
         if self.clustered:
             self._registry.append((Registry.REGISTER, key, connection.epoch))
@@ -459,10 +491,10 @@ class RelayServer:
             self._disconnect_request(connection, packet.connection_id)
         elif isinstance(packet, ConnectNotification):
             pass  # R-NOTIF-1: ignored
-        elif isinstance(packet, OnionRequest | ForwardRequest):
-            # R-PKT-8 / R-PKT-10: accepted and counted; forwarding them over UDP
-            # is not built yet, so they go nowhere.
-            self.stats["dropped.onion_not_forwarded"] += 1
+        elif isinstance(packet, OnionRequest):
+            self._onion_request(connection, packet.body, now)
+        elif isinstance(packet, ForwardRequest):
+            self._forward_request(connection, packet.address, packet.data, now)
 
     def _oob_send(self, connection: ServerConnection, destination: bytes, data: bytes) -> None:
         sender = connection.public_key
@@ -585,6 +617,116 @@ class RelayServer:
         self._send_priority(peer, bytes((3, peer_index + NUM_RESERVED_PORTS)))
 
     # ------------------------------------------------------------------
+    # Onion and forwarding: the first hop for TCP clients (onion-over-tcp.md).
+    # Requests leave as UDP datagrams (take_datagrams); replies come back to
+    # any shard's UDP socket (receive_datagram) and reach the connection the
+    # return path names, over the bus when another shard holds it.
+    # ------------------------------------------------------------------
+
+    def take_datagrams(self) -> list[Datagram]:
+        """UDP datagrams produced since the last call, in order."""
+        datagrams, self._datagrams = self._datagrams, []
+        return datagrams
+
+    def receive_datagram(self, data: bytes, now: float) -> None:
+        """A UDP datagram arrived on the relay's port (from anyone)."""
+        self._clock = now
+        stats = self.stats
+        kind = data[0] if data else -1
+        try:
+            if kind == NET_PACKET_ONION_RECV_1:
+                reply = onion_recv_1(data, self._current_return_keys(now))
+            elif kind == NET_PACKET_FORWARD_REPLY:
+                reply = forward_reply(data, self._forward_key, now)
+            else:
+                stats["udp.ignored"] += 1  # DHT and onion hops 2-3: not a relay's job
+                return
+        except Dropped as drop:
+            stats[f"dropped.{drop.reason}"] += 1
+            return
+        path = reply.path
+        if not self.clustered or path.shard == self.shard:
+            self._deliver_reply(path.epoch, reply.plain)
+        elif path.shard in self.peer_shards:
+            stats["onion.replies_to_other_shards"] += 1
+            self._bus.append((path.shard, (Link.REPLY, path.epoch, reply.plain)))
+        else:
+            stats["dropped.reply_stale"] += 1  # that shard is gone, and its clients
+
+    def _deliver_reply(self, epoch: Epoch, plain: bytes) -> None:
+        """Type 9 / 11 to the connection instance that asked (R-ORET-5, R-FWD-5)."""
+        connection = self.by_epoch.get(epoch)
+        if connection is None:
+            self.stats["dropped.reply_stale"] += 1  # it closed or reconnected since
+            return
+        if connection.unsent > self.options.output_soft_limit:  # non-priority (R-OUT-2)
+            self.stats["dropped.backpressure"] += 1
+            return
+        self._append(connection, connection.channel.encrypt(plain))  # type: ignore[union-attr]
+        self.stats["onion.replies_delivered" if plain[0] == 9 else "forward.replies_delivered"] += 1
+
+    def _onion_allowed(self, connection: ServerConnection, now: float) -> bool:
+        """The per-client and per-worker rate limits on types 8 and 10."""
+        budget = connection.onion_budget
+        if budget is None:
+            options = self.options
+            budget = connection.onion_budget = TokenBucket(
+                options.onion_rate_per_client, options.onion_burst_per_client, now
+            )
+        if not budget.take(now):
+            self.stats["dropped.onion_rate_client"] += 1
+            return False
+        if not self._onion_budget.take(now):
+            self.stats["dropped.onion_rate_worker"] += 1
+            return False
+        return True
+
+    def _return_path(self, connection: ServerConnection) -> ReturnPath:
+        return ReturnPath(self.shard or 0, connection.epoch)
+
+    def _current_return_keys(self, now: float) -> list[bytes]:
+        """[Ks of this period, Ks of the previous one] (R-ONION-8)."""
+        period = return_period(now)
+        if period != self._return_keys_period:
+            secrets = self.onion_secrets
+            self._return_keys = [secrets.return_key(period), secrets.return_key(period - 1)]
+            self._return_keys_period = period
+        return self._return_keys
+
+    def _onion_request(self, connection: ServerConnection, body: bytes, now: float) -> None:
+        """Type 8 -> UDP 0x81 to node 2 (R-ONION-2..5); failures are silent drops."""
+        if not self._onion_allowed(connection, now):
+            return
+        try:
+            block = seal_return_block(
+                self._current_return_keys(now)[0],
+                self._random_bytes(24),
+                self._return_path(connection),
+            )
+            datagram = onion_send_1(body, block)
+        except Dropped as drop:
+            self.stats[f"dropped.{drop.reason}"] += 1
+            return
+        self._datagrams.append(datagram)
+        self.stats["onion.requests_sent"] += 1
+
+    def _forward_request(
+        self, connection: ServerConnection, address: bytes, data: bytes, now: float
+    ) -> None:
+        """Type 10 -> UDP 0x91 (R-FWD-2..4); the kill rules were checked in decoding."""
+        if not self._onion_allowed(connection, now):
+            return
+        try:
+            datagram = forwarding(
+                address, data, self._forward_key, self._return_path(connection), now
+            )
+        except Dropped as drop:
+            self.stats[f"dropped.{drop.reason}"] += 1
+            return
+        self._datagrams.append(datagram)
+        self.stats["forward.requests_sent"] += 1
+
+    # ------------------------------------------------------------------
     # Cluster: links to clients on other shards (docs/architecture.md)
     # ------------------------------------------------------------------
 
@@ -649,6 +791,9 @@ class RelayServer:
                 self._send_link(reply, to_pk, to_epoch, remote)
                 return
             self._linked_by_remote(remote, to_pk, to_epoch, answer=kind == Link.WANT, now=now)
+        elif kind == Link.REPLY:
+            _, to_epoch, plain = message
+            self._deliver_reply(to_epoch, plain)
         elif kind == Link.NOLINK:
             _, from_pk, from_epoch, to_pk, to_epoch = message
             connection = self._local(to_pk, to_epoch)

@@ -12,6 +12,8 @@ connection never reaches a newer one with the same key:
     (UNLINK, from_pk, from_epoch, to_pk, to_epoch)           that link has ended
     (DATA,   from_pk, from_epoch, to_pk, to_epoch, payload)  routed data (R-DATA-4)
     (OOB,    from_pk, to_pk, to_epoch, data)                 OOB (R-OOB-2)
+    (REPLY,  to_epoch, plain)                                 a UDP onion/forward reply,
+                                                              as type 9/11 (R-ORET-5, R-FWD-5)
 
 Registry events go from a shard to the coordinator:
 
@@ -41,6 +43,7 @@ class Link(IntEnum):
     DATA = 4
     OOB = 5
     NOLINK = 6
+    REPLY = 7
 
 
 class Registry(IntEnum):

@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from relaycore.client import ClientConnection
+from relaycore.onion import OnionSecrets
 from relaycore.options import RelayOptions
 from relaycore.packets import ConnectNotification, Packet, RoutingRequest, RoutingResponse
 from relaycore.relay import ConnectionState, RelayServer, ServerConnection
@@ -116,9 +117,16 @@ class Network:
         random_bytes: Callable[[int], bytes] | None = None,
         keypair: Callable[[], tuple[bytes, bytes]] | None = None,
         server_sk: bytes = SERVER_SK,
+        onion_secrets: OnionSecrets | None = None,
+        shard: int | None = None,
     ) -> None:
+        """``shard``: make the server that shard of a cluster (incarnation = shard)."""
         self.random = CountingRandom()
         extra: dict[str, object] = {"random_bytes": random_bytes or self.random}
+        if onion_secrets is not None:
+            extra["onion_secrets"] = onion_secrets
+        if shard is not None:
+            extra.update(shard=shard, incarnation=shard)
         if keypair is not None:
             extra["keypair"] = keypair
         self.server = RelayServer(server_sk, options, **extra)  # type: ignore[arg-type]
@@ -200,6 +208,11 @@ class Network:
     def send_raw(self, name: str, data: bytes) -> None:
         """Append raw bytes to the client's stream (hello or frames, any content)."""
         self.peers[name].client.outbox += data
+        self.pump()
+
+    def receive_datagram(self, data: bytes) -> None:
+        """A UDP datagram arrives on the relay's port; deliver what it makes."""
+        self.server.receive_datagram(data, self.now)
         self.pump()
 
     def pump(self) -> None:
