@@ -44,6 +44,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
         "keys_file": args.keys,
         "host": args.host,
         "ports": args.port,
+        "udp_port": args.udp_port,
         "workers": args.workers,
         "log_level": args.log_level,
         "shard_ports": True if args.shard_ports else None,
@@ -137,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="TCP port to listen on; repeat for several (default 33445; 443 and 3389 are "
         "common extras; 0 = any free port)",
+    )
+    start.add_argument(
+        "--udp-port",
+        type=int,
+        metavar="P",
+        help="UDP port for onion and forwarding traffic (types 8-11) to and from DHT "
+        "nodes (default 33445; 0 = any free port)",
     )
     start.add_argument(
         "--workers",

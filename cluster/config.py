@@ -29,6 +29,8 @@ class RelayConfig:
     keys_file: Path = Path("relay.keys")
     host: str = "0.0.0.0"
     ports: tuple[int, ...] = (33445,)
+    udp_port: int = 33445  # onion / forwarding (types 8-11) go out and come back here
+    onion: bool = True
     workers: int = 0  # 0 = one per CPU
     log_level: str = "info"
     # The relay core's tunables; their defaults live in RelayOptions.
@@ -39,6 +41,9 @@ class RelayConfig:
     max_unconfirmed: int = _CORE_DEFAULTS.max_unconfirmed
     output_soft_limit: int = _CORE_DEFAULTS.output_soft_limit
     output_hard_limit: int = _CORE_DEFAULTS.output_hard_limit
+    onion_rate_per_client: float = _CORE_DEFAULTS.onion_rate_per_client
+    onion_burst_per_client: float = _CORE_DEFAULTS.onion_burst_per_client
+    onion_rate_per_worker: float = _CORE_DEFAULTS.onion_rate_per_worker
     listen_backlog: int = 4096
     min_open_files: int = 4096
     shard_ports: bool = False
@@ -89,9 +94,9 @@ def _int(key: str, value: object, minimum: int, maximum: int | None = None) -> i
     return value
 
 
-def _number(key: str, value: object, minimum: float) -> float:
+def _number(key: str, value: object, minimum: float, unit: str = "seconds") -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{key}: expected a number of seconds, got {_type_name(value)} {value!r}")
+        raise ConfigError(f"{key}: expected a number of {unit}, got {_type_name(value)} {value!r}")
     if value < minimum:
         raise ConfigError(f"{key}: {value} is out of range (must be >= {minimum})")
     return float(value)
@@ -129,6 +134,14 @@ def _validate(key: str, value: object) -> object:
             return ports
         case "workers":
             return _int(key, value, 0, 1024)
+        case "udp_port":
+            return _int(key, value, 0, 65535)
+        case "onion":
+            return _bool(key, value)
+        case "onion_rate_per_client" | "onion_rate_per_worker":
+            return _number(key, value, 0.0, "packets per second")
+        case "onion_burst_per_client":
+            return _number(key, value, 1.0, "packets")
         case "shard_ports":
             return _bool(key, value)
         case "metrics":

@@ -24,6 +24,9 @@ LABELLED_COUNTERS = {
     "dropped.": ("dropped_packets", "reason", "Packets dropped, by reason."),
     "refused.": ("refused_connections", "reason", "Connections refused at accept, by limit."),
     "packets_in.": ("packets_received", "type", "Control packets received from clients, by type."),
+    "onion.": ("onion_packets", "event", "Onion requests sent, replies delivered or crossed."),
+    "forward.": ("forward_packets", "event", "Forward requests sent, replies delivered."),
+    "udp.": ("udp_datagrams", "event", "UDP datagrams sent, errors, ignored packets."),
 }  # fmt: skip
 PLAIN_COUNTERS = {
     "accepted": ("accepted_connections", "Sockets accepted."),
@@ -125,6 +128,11 @@ class ClusterStats:
                 "frames_in": totals.get("frames_in", 0),
                 "frames_out": totals.get("frames_out", 0),
                 "relayed_packets": totals.get("relayed", 0),
+                "onion_requests": totals.get("onion.requests_sent", 0),
+                "onion_replies": totals.get("onion.replies_delivered", 0),
+                "onion_replies_crossed_shards": totals.get("onion.replies_to_other_shards", 0),
+                "forward_requests": totals.get("forward.requests_sent", 0),
+                "forward_replies": totals.get("forward.replies_delivered", 0),
                 "worker_restarts": self.worker_restarts,
                 "coordinator_restarts": self.coordinator_restarts,
                 "map_entries": self.coordinator.get("map_size", 0),

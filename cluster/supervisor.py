@@ -79,6 +79,21 @@ class ManagedProcess:
     index: int = -1  # worker slot; -1 for the coordinator
 
 
+def resolve_udp_port(host: str, port: int) -> int:
+    """``port``, or for 0 a free UDP port picked now. Unlike the TCP ports it
+    cannot stay reserved here: a bound UDP socket in the workers' SO_REUSEPORT
+    group would take its share of the replies and never read them."""
+    if port:
+        return port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((host, 0))
+        except OSError as error:
+            raise StartupError(f"cannot bind a UDP port on {host}: {error.strerror}") from None
+        return sock.getsockname()[1]
+
+
 class Supervisor:
     def __init__(
         self, config: RelayConfig, identity: RelayIdentity, output: Callable[[str], None]
@@ -90,6 +105,10 @@ class Supervisor:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="tox-relay-"))  # mode 0700
         self.reserved = [reserve_port(config.host, port) for port in config.ports]
         self.ports = [sock.getsockname()[1] for sock in self.reserved]
+        self.udp_port = resolve_udp_port(config.host, config.udp_port) if config.onion else None
+        # The onion / forwarding keys of every shard derive from this; it lives
+        # only in memory and on the workers' stdin pipes (onion-over-tcp.md R-ONION-8).
+        self.onion_secret = os.urandom(32)
         self.coordinator = ManagedProcess("coordinator")
         self.slots = [ManagedProcess(f"worker {i}", index=i) for i in range(self.workers)]
         self.stats = ClusterStats()
@@ -125,6 +144,8 @@ class Supervisor:
             "log_level": config.log_level,
             "log_format": config.log_format,
             "private_port": config.shard_ports,
+            "udp_port": self.udp_port,
+            "onion_secret": self.onion_secret.hex(),
         }
 
     async def _spawn(self, managed: ManagedProcess, args: list[str], stdin: bytes | None) -> str:
@@ -255,6 +276,12 @@ class Supervisor:
         for port in self.ports:
             host = self.config.host
             self.output(f"Listening on {f'[{host}]' if ':' in host else host}:{port}")
+        if self.udp_port is not None:
+            host = self.config.host
+            self.output(
+                f"Onion and forwarding over UDP on {f'[{host}]' if ':' in host else host}:"
+                f"{self.udp_port}"
+            )
         try:
             self._admin = await serve_admin(self.config.admin_socket, self.stats.status)
             if self.config.metrics:

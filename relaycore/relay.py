@@ -239,7 +239,7 @@ class RelayServer:
         self._onion_budget = TokenBucket(
             self.options.onion_rate_per_worker, self.options.onion_rate_per_worker, 0.0
         )
-        self._datagrams: list[Datagram] = []
+        self.datagrams: list[Datagram] = []  # for the adapter: take_datagrams()
 
     # ------------------------------------------------------------------
     # Adapter interface
@@ -625,7 +625,7 @@ class RelayServer:
 
     def take_datagrams(self) -> list[Datagram]:
         """UDP datagrams produced since the last call, in order."""
-        datagrams, self._datagrams = self._datagrams, []
+        datagrams, self.datagrams = self.datagrams, []
         return datagrams
 
     def receive_datagram(self, data: bytes, now: float) -> None:
@@ -647,11 +647,14 @@ class RelayServer:
         path = reply.path
         if not self.clustered or path.shard == self.shard:
             self._deliver_reply(path.epoch, reply.plain)
-        elif path.shard in self.peer_shards:
+        elif path.shard in self._dropped_shards:
+            stats["dropped.reply_stale"] += 1  # that shard is gone, and its clients
+        else:
+            # Not only to peer_shards: a shard that started a moment ago may not
+            # be listed there yet. A dead shard's id stops here once its
+            # DROP_SHARD is in; until then the bus bounds what queues for it.
             stats["onion.replies_to_other_shards"] += 1
             self._bus.append((path.shard, (Link.REPLY, path.epoch, reply.plain)))
-        else:
-            stats["dropped.reply_stale"] += 1  # that shard is gone, and its clients
 
     def _deliver_reply(self, epoch: Epoch, plain: bytes) -> None:
         """Type 9 / 11 to the connection instance that asked (R-ORET-5, R-FWD-5)."""
@@ -707,7 +710,7 @@ class RelayServer:
         except Dropped as drop:
             self.stats[f"dropped.{drop.reason}"] += 1
             return
-        self._datagrams.append(datagram)
+        self.datagrams.append(datagram)
         self.stats["onion.requests_sent"] += 1
 
     def _forward_request(
@@ -723,7 +726,7 @@ class RelayServer:
         except Dropped as drop:
             self.stats[f"dropped.{drop.reason}"] += 1
             return
-        self._datagrams.append(datagram)
+        self.datagrams.append(datagram)
         self.stats["forward.requests_sent"] += 1
 
     # ------------------------------------------------------------------

@@ -12,16 +12,18 @@ import json
 import sys
 from pathlib import Path
 
+from relaycore.onion import OnionSecrets
 from relaycore.options import RelayOptions
 from worker.logs import configure_logging
 from worker.process import (
     ClusterSpec,
     ListenSpec,
+    OnionSpec,
     bind_listeners,
     raise_open_file_limit,
     run_shard,
 )
-from worker.shard import open_listening_socket
+from worker.shard import open_listening_socket, open_udp_socket
 
 
 def main() -> int:
@@ -33,6 +35,12 @@ def main() -> int:
     shared = len(sockets)
     if spec.get("private_port"):  # tests and diagnostics: reach this shard directly
         sockets.append(open_listening_socket(spec["host"], 0, spec["backlog"]))
+    onion = None
+    if spec.get("udp_port") is not None:
+        onion = OnionSpec(
+            open_udp_socket(spec["host"], spec["udp_port"]),
+            OnionSecrets(bytes.fromhex(spec["onion_secret"])),
+        )
 
     def announce(addresses: list[str]) -> None:
         private = addresses[shared:]
@@ -48,6 +56,7 @@ def main() -> int:
         announce,
         ClusterSpec(shard_id, Path(spec["runtime_dir"])),
         spec["backlog"],
+        onion,
     )
     return 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import uvloop
 
+from relaycore.onion import OnionSecrets
 from relaycore.options import RelayOptions
 from worker.cluster_member import ClusterMember
 from worker.shard import Shard, open_listening_socket
@@ -101,6 +102,14 @@ class ClusterSpec:
     runtime_dir: Path
 
 
+@dataclass(frozen=True)
+class OnionSpec:
+    """The UDP side: the bound socket and the keys every shard shares."""
+
+    udp_socket: socket.socket
+    secrets: OnionSecrets
+
+
 async def serve_until_stopped(
     secret_key: bytes,
     options: RelayOptions,
@@ -108,16 +117,23 @@ async def serve_until_stopped(
     on_ready: Callable[[list[str]], None],
     cluster: ClusterSpec | None = None,
     backlog: int = 1024,
+    onion: OnionSpec | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
-    shard = Shard(secret_key, options, loop, shard_id=cluster.shard_id if cluster else None)
+    shard = Shard(
+        secret_key,
+        options,
+        loop,
+        shard_id=cluster.shard_id if cluster else None,
+        onion_secrets=onion.secrets if onion else None,
+    )
     member = ClusterMember(shard, cluster.runtime_dir) if cluster else None
     if cluster is not None:
         _stop_when_orphaned(loop, os.getppid(), stopping)
-    await shard.serve(sockets, backlog)
+    await shard.serve(sockets, backlog, onion.udp_socket if onion else None)
     if member is not None:
         member.start()
     on_ready([format_address(sock) for sock in sockets])
@@ -138,6 +154,7 @@ def run_shard(
     on_ready: Callable[[list[str]], None],
     cluster: ClusterSpec | None = None,
     backlog: int = 1024,
+    onion: OnionSpec | None = None,
 ) -> None:
     """Serve on ``sockets`` with uvloop until SIGINT/SIGTERM."""
-    uvloop.run(serve_until_stopped(secret_key, options, sockets, on_ready, cluster, backlog))
+    uvloop.run(serve_until_stopped(secret_key, options, sockets, on_ready, cluster, backlog, onion))

@@ -13,12 +13,16 @@ import logging
 import socket
 from collections.abc import Callable, Iterable
 
+from relaycore.onion import Datagram, OnionSecrets
 from relaycore.options import RelayOptions
 from relaycore.relay import ConnectionRefused, ConnectionState, RelayServer, ServerConnection
 
 log = logging.getLogger("worker.shard")
 
 TICK_INTERVAL = 1.0  # seconds; pings (30 s), ping timeouts (10 s), handshake timeouts
+# Onion / forward datagrams are dropped (and counted) while the UDP transport
+# holds more than this unsent: the kernel's buffer is full, the bound is ours.
+UDP_BACKLOG_LIMIT = 256 * 1024
 
 
 def open_listening_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -37,6 +41,42 @@ def open_listening_socket(host: str, port: int, backlog: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def open_udp_socket(host: str, port: int) -> socket.socket:
+    """The onion / forwarding UDP socket, SO_REUSEPORT so every shard binds the
+    same port and a reply may arrive at any of them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError as error:
+        sock.close()
+        raise OSError(
+            error.errno, f"cannot bind UDP port {port} on {host}: {error.strerror}"
+        ) from None
+    return sock
+
+
+class DatagramEndpoint(asyncio.DatagramProtocol):
+    """Moves UDP datagrams (onion and forward replies) into the shard's core."""
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        shard = self.shard
+        shard.server.receive_datagram(data, shard.loop.time())
+        shard.flush()
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier datagrams (port unreachable, ...): counted only.
+        self.shard.server.stats["udp.errors"] += 1
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -115,13 +155,22 @@ class Shard:
         loop: asyncio.AbstractEventLoop,
         tick_interval: float = TICK_INTERVAL,
         shard_id: int | None = None,
+        onion_secrets: OnionSecrets | None = None,
     ) -> None:
         """``shard_id``: cluster-unique id of this worker process (None = a
         stand-alone relay); it is also the incarnation part of its epochs."""
         self.loop = loop
         self.tick_interval = tick_interval
         self.options = options
-        self.server = RelayServer(secret_key, options, shard=shard_id, incarnation=shard_id or 0)
+        self.server = RelayServer(
+            secret_key,
+            options,
+            shard=shard_id,
+            incarnation=shard_id or 0,
+            onion_secrets=onion_secrets,
+        )
+        self._udp: asyncio.DatagramTransport | None = None
+        self._udp_is_v6 = False
         self._servers: list[asyncio.AbstractServer] = []
         self._timer: asyncio.TimerHandle | None = None
         self.refusals = 0
@@ -129,7 +178,19 @@ class Shard:
         self.loop_lag = 0.0
         self._tick_due = 0.0
 
-    async def serve(self, sockets: Iterable[socket.socket], backlog: int = 1024) -> None:
+    async def serve(
+        self,
+        sockets: Iterable[socket.socket],
+        backlog: int = 1024,
+        udp_socket: socket.socket | None = None,
+    ) -> None:
+        """Accept on ``sockets``; without ``udp_socket`` onion and forward
+        requests are dropped and counted (``dropped.udp_off``)."""
+        if udp_socket is not None:
+            self._udp_is_v6 = udp_socket.family == socket.AF_INET6
+            self._udp, _ = await self.loop.create_datagram_endpoint(
+                lambda: DatagramEndpoint(self), sock=udp_socket
+            )
         for sock in sockets:
             # create_server listens again on the socket: without backlog= it
             # would quietly shrink the configured backlog to asyncio's 100.
@@ -151,6 +212,8 @@ class Shard:
             outbox.clear()
             connection.outbox_size = 0
             connection.transport_backlog = transport.get_write_buffer_size()  # type: ignore[attr-defined]
+        if server.datagrams:
+            self._send_datagrams(server.take_datagrams())
         if self.after_flush is not None:
             self.after_flush()
         for connection in server.take_closed():
@@ -159,6 +222,29 @@ class Shard:
                 # Written above: what the kernel took goes out; the rest of the
                 # transport's buffer is the queued output R-KILL-1 discards.
                 transport.abort()  # type: ignore[attr-defined]
+
+    def _send_datagrams(self, datagrams: list[Datagram]) -> None:
+        stats = self.server.stats
+        transport = self._udp
+        if transport is None:
+            stats["dropped.udp_off"] += len(datagrams)
+            return
+        for host, port, data in datagrams:
+            if transport.get_write_buffer_size() > UDP_BACKLOG_LIMIT:
+                stats["dropped.udp_backlog"] += 1
+                continue
+            if ":" in host:
+                if not self._udp_is_v6:
+                    stats["dropped.udp_unreachable"] += 1  # IPv6 hop, IPv4-only relay
+                    continue
+            elif self._udp_is_v6:
+                host = "::ffff:" + host  # a dual-stack socket reaches IPv4 mapped
+            try:
+                transport.sendto(data, (host, port))
+            except OSError:
+                stats["dropped.udp_unreachable"] += 1
+            else:
+                stats["udp.sent"] += 1
 
     def _tick(self) -> None:
         now = self.loop.time()
@@ -187,6 +273,8 @@ class Shard:
             self._timer.cancel()
         for server in self._servers:
             server.close()
+        if self._udp is not None:
+            self._udp.close()
         server = self.server
         for connection in [*server.by_key.values(), *server.pending]:
             server.kill(connection, "shutdown")

@@ -103,7 +103,7 @@ def test_start_creates_keys_and_reports_addresses(tmp_path: Path) -> None:
 
 def test_start_generates_a_missing_keys_file_0600(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [*CLI, "start", "--host", "127.0.0.1", "--port", "0"],
+        [*CLI, "start", "--host", "127.0.0.1", "--port", "0", "--udp-port", "0"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -28,7 +28,7 @@ from relaycore.onion import (
 from relaycore.options import RelayOptions
 from relaycore.packets import Forwarding, ForwardRequest, OnionResponse, decode_client_packet
 from relaycore.relay import RelayServer
-from relaycore.shardlink import Link
+from relaycore.shardlink import Link, MapUpdate
 from tests.relaycore.harness import Network, load_vectors
 
 SECRETS = OnionSecrets(bytes(range(100, 132)))
@@ -405,7 +405,18 @@ def test_reply_for_another_shard_crosses_the_bus_and_is_delivered_there() -> Non
 def test_reply_for_a_shard_that_is_gone_is_dropped() -> None:
     asking = RelayServer(bytes(range(32)), shard=7, incarnation=7, onion_secrets=SECRETS)
     block = seal_return_block(asking._current_return_keys(5.0)[0], bytes(24), ReturnPath(7, 99))
-    other = _shard(2)  # peers: 1 and 2; shard 7 is not live
+    other = _shard(2)
+    other.apply_map_update((MapUpdate.DROP_SHARD, 7))  # shard 7 died
     other.receive_datagram(b"\x8e" + block + b"\x84x", 5.0)
     assert other.take_bus() == []
     assert other.stats["dropped.reply_stale"] == 1
+
+
+def test_reply_for_a_shard_not_yet_listed_still_crosses() -> None:
+    """Just after start a shard may not know its peers yet (heartbeats every
+    0.5 s); the reply goes to the shard the block names all the same."""
+    asking = RelayServer(bytes(range(32)), shard=9, incarnation=9, onion_secrets=SECRETS)
+    block = seal_return_block(asking._current_return_keys(5.0)[0], bytes(24), ReturnPath(9, 1))
+    other = RelayServer(bytes(range(32)), shard=2, incarnation=2, onion_secrets=SECRETS)
+    other.receive_datagram(b"\x8e" + block + b"\x84x", 5.0)
+    assert other.take_bus() == [(9, (Link.REPLY, 1, b"\x09\x84x"))]

@@ -14,7 +14,7 @@ from nacl.bindings import crypto_scalarmult_base
 
 from cluster.client import RelayClient
 from relaycore.options import RelayOptions
-from worker.shard import Shard, open_listening_socket
+from worker.shard import Shard, open_listening_socket, open_udp_socket
 
 HOST = "127.0.0.1"
 
@@ -25,6 +25,7 @@ class LiveRelay:
     host: str
     port: int
     public_key: bytes
+    udp_port: int  # onion / forwarding replies come back here
 
     async def client(self, **kwargs: object) -> RelayClient:
         return await RelayClient.connect(self.host, self.port, self.public_key, **kwargs)  # type: ignore[arg-type]
@@ -41,10 +42,14 @@ async def live_relay(
 ) -> AsyncIterator[LiveRelay]:
     secret_key = os.urandom(32)
     sock = open_listening_socket(HOST, 0, 128)
+    udp = open_udp_socket(HOST, 0)
+    udp_port = udp.getsockname()[1]
     shard = Shard(secret_key, options or RelayOptions(), asyncio.get_running_loop(), tick_interval)
-    await shard.serve([sock])
+    await shard.serve([sock], udp_socket=udp)
     try:
-        yield LiveRelay(shard, HOST, sock.getsockname()[1], crypto_scalarmult_base(secret_key))
+        yield LiveRelay(
+            shard, HOST, sock.getsockname()[1], crypto_scalarmult_base(secret_key), udp_port
+        )
     finally:
         await shard.stop()
 

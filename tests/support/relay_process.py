@@ -27,6 +27,7 @@ STOP_TIMEOUT_S = 5.0
 TEST_VECTOR_SERVER_SK = bytes(range(0x40, 0x60))
 
 _LISTEN_RE = re.compile(r"^Listening on (?:\[(?P<v6>[^\]]+)\]|(?P<v4>[^:]+)):(?P<port>\d+)$")
+_UDP_RE = re.compile(r"^Onion and forwarding over UDP on .*:(?P<port>\d+)$")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class RelayProcess:
     secret_key: bytes
     pid: int
     workdir: Path
+    udp_port: int | None = None  # onion / forwarding, None when off
     stdout_lines: list[str] = field(default_factory=list, repr=False)
     _proc: subprocess.Popen[str] | None = field(default=None, repr=False, compare=False)
 
@@ -83,7 +85,7 @@ def start_relay(
     keys = workdir / "relay.keys"
     write_keys(keys, secret_key)
     args = [sys.executable, "-m", "cluster.cli", "start", "--host", HOST, "--keys", str(keys)]
-    args += ["--workers", str(workers)]
+    args += ["--workers", str(workers), "--udp-port", "0"]  # never the shared 33445
     for _ in range(ports):
         args += ["--port", "0"]
     if config is not None:
@@ -120,10 +122,14 @@ def start_relay(
             f"stderr={(workdir / 'relay.err').read_text()!r}"
         )
     listen_ports = []
+    udp_port = None
     for line in lines:
         match = _LISTEN_RE.match(line)
         if match:
             listen_ports.append(int(match["port"]))
+        match = _UDP_RE.match(line)
+        if match:
+            udp_port = int(match["port"])
     return RelayProcess(
         host=HOST,
         port=listen_ports[0],
@@ -132,6 +138,7 @@ def start_relay(
         secret_key=secret_key,
         pid=proc.pid,
         workdir=workdir,
+        udp_port=udp_port,
         stdout_lines=lines,
         _proc=proc,
     )

@@ -1,0 +1,94 @@
+"""Onion and forwarding through a running cluster: a request leaves from the
+shared UDP port, and a reply that the kernel hands to *another* worker's UDP
+socket still reaches the asking client, over the peer bus (onion-over-tcp.md
+R-ONION-5, R-ORET-5, R-FWD-5; docs/architecture.md "Onion and forwarding")."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+
+from relaycore.packets import Forwarding, OnionResponse
+from tests.cluster_process.support import Cluster, run, wait_until
+
+REPLY_SOCKETS = 24  # distinct source ports: the kernel spreads them over the shards
+
+
+def onion_request(port: int) -> bytes:
+    address = b"\x02" + bytes((127, 0, 0, 1)) + bytes(12) + struct.pack(">H", port)
+    head = b"\x08" + bytes(range(24)) + address
+    return head + bytes(300 - len(head))
+
+
+def status(cluster: Cluster) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "status", "--json"],
+        cwd=cluster.relay.workdir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def test_replies_reach_the_client_whichever_worker_receives_them(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(workers=2)
+    udp_port = cluster.relay.udp_port
+    assert udp_port, cluster.lines
+
+    async def body() -> None:
+        hop = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        hop.bind(("127.0.0.1", 0))
+        hop.settimeout(5)
+        repliers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(REPLY_SOCKETS)]
+        try:
+            for replier in repliers:
+                replier.bind(("127.0.0.1", 0))
+            first, _ = cluster.shards()
+            client = await cluster.connect(first)
+            client.send_plain(onion_request(hop.getsockname()[1]))
+            request, source = await asyncio.to_thread(hop.recvfrom, 4096)
+            assert source == ("127.0.0.1", udp_port) and request[0] == 0x81
+            for index, replier in enumerate(repliers):
+                payload = b"\x84" + struct.pack(">I", index)
+                replier.sendto(b"\x8e" + request[-59:] + payload, ("127.0.0.1", udp_port))
+            got = set()
+            for _ in range(REPLY_SOCKETS):
+                response = await client.expect(OnionResponse, timeout=5)
+                got.add(struct.unpack(">I", response.data[1:5])[0])
+            assert got == set(range(REPLY_SOCKETS))
+
+            # Forwarding: the same path for type 10 / 0x92 / type 11.
+            client.send_plain(
+                b"\x0a\x02\x7f\x00\x00\x01" + hop.getsockname()[1].to_bytes(2, "big") + b"fw"
+            )
+            forward, _ = await asyncio.to_thread(hop.recvfrom, 4096)
+            assert forward[:2] == b"\x91\x2d" and forward.endswith(b"fw")
+            for replier in repliers[:8]:
+                replier.sendto(b"\x92" + forward[1:47] + b"back", ("127.0.0.1", udp_port))
+            for _ in range(8):
+                assert await client.expect(Forwarding, timeout=5) == Forwarding(b"back")
+            await client.close()
+        finally:
+            hop.close()
+            for replier in repliers:
+                replier.close()
+
+        def crossed() -> bool:
+            totals = status(cluster)["totals"]
+            return totals["onion_replies"] == REPLY_SOCKETS and totals["forward_replies"] == 8
+
+        await wait_until(crossed, timeout=10, what="the replies in the counters", interval=0.5)
+        totals = status(cluster)["totals"]
+        # With 24 source ports over 2 workers, both sockets got some replies.
+        assert 0 < totals["onion_replies_crossed_shards"] < REPLY_SOCKETS, totals
+
+    run(body())

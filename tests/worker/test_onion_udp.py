@@ -1,0 +1,164 @@
+"""The shard's UDP side over real loopback sockets: a client's type 8 / type 10
+leaves from the relay's UDP port to the address it names, and the answer a
+stand-in next hop sends back reaches that client as type 9 / type 11
+(onion-over-tcp.md R-ONION-5, R-ORET-5, R-FWD-4, R-FWD-5)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+
+import pytest
+import uvloop
+
+from relaycore.options import RelayOptions
+from relaycore.packets import Forwarding, OnionResponse
+from tests.support.inprocess import HOST, live_relay, wait_for
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return uvloop.run(asyncio.wait_for(coro, 30))
+
+
+class NextHop(asyncio.DatagramProtocol):
+    """A UDP socket standing in for DHT node 2 / a forwarding destination."""
+
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[tuple[bytes, tuple]] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.received.put_nowait((data, addr))
+
+
+async def next_hop() -> tuple[NextHop, int]:
+    loop = asyncio.get_running_loop()
+    _, hop = await loop.create_datagram_endpoint(NextHop, local_addr=(HOST, 0))
+    assert hop.transport is not None
+    return hop, hop.transport.get_extra_info("sockname")[1]
+
+
+def onion_request(port: int, size: int = 300) -> bytes:
+    address = b"\x02" + bytes((127, 0, 0, 1)) + bytes(12) + struct.pack(">H", port)
+    head = b"\x08" + bytes(range(24)) + address
+    return head + bytes(i % 256 for i in range(size - len(head)))
+
+
+def forward_request(port: int, data: bytes) -> bytes:
+    return b"\x0a\x02" + bytes((127, 0, 0, 1)) + struct.pack(">H", port) + data
+
+
+def test_onion_request_goes_out_and_the_answer_comes_back() -> None:
+    run(_onion_request_goes_out_and_the_answer_comes_back())
+
+
+async def _onion_request_goes_out_and_the_answer_comes_back() -> None:
+    async with live_relay() as relay:
+        hop, hop_port = await next_hop()
+        client = await relay.client()
+        other = await relay.client()
+        client.send_plain(onion_request(hop_port))
+        data, source = await asyncio.wait_for(hop.received.get(), 5)
+        assert source == (HOST, relay.udp_port)  # from the relay's UDP port [obs]
+        assert data[0] == 0x81 and len(data) == 300 - 25 + 65
+        assert data[1:25] == bytes(range(24))
+        assert hop.transport is not None
+        hop.transport.sendto(b"\x8e" + data[-59:] + b"\x84answer", source)
+        response = await client.expect(OnionResponse, timeout=5)
+        assert response == OnionResponse(b"\x84answer")
+        await other.ping()
+        assert other.pending_events() == []  # only the asker got it
+        stats = relay.shard.server.stats
+        assert stats["onion.requests_sent"] == 1 and stats["onion.replies_delivered"] == 1
+        assert stats["udp.sent"] == 1
+        await client.close()
+        await other.close()
+        hop.transport.close()
+
+
+@pytest.mark.parametrize(
+    "payload", [b"", b"forward me", bytes(1792)], ids=["empty", "short", "max"]
+)
+def test_forward_request_and_reply(payload: bytes) -> None:
+    run(_forward_request_and_reply(payload))
+
+
+async def _forward_request_and_reply(payload: bytes) -> None:
+    async with live_relay() as relay:
+        hop, hop_port = await next_hop()
+        client = await relay.client()
+        client.send_plain(forward_request(hop_port, payload))
+        data, source = await asyncio.wait_for(hop.received.get(), 5)
+        assert data[:2] == b"\x91\x2d" and data[47:] == payload  # R-FWD-4
+        assert hop.transport is not None
+        hop.transport.sendto(b"\x92" + data[1:47] + b"back " + payload[:100], source)
+        reply = await client.expect(Forwarding, timeout=5)
+        assert reply == Forwarding(b"back " + payload[:100])
+        await client.close()
+        hop.transport.close()
+
+
+def test_answer_after_the_client_reconnected_is_dropped() -> None:
+    run(_answer_after_the_client_reconnected_is_dropped())
+
+
+async def _answer_after_the_client_reconnected_is_dropped() -> None:
+    """A return path names a connection instance: the same key connected again
+    never gets the old connection's answers."""
+    async with live_relay() as relay:
+        hop, hop_port = await next_hop()
+        key = os.urandom(32)
+        first = await relay.client(secret_key=key)
+        first.send_plain(onion_request(hop_port))
+        data, source = await asyncio.wait_for(hop.received.get(), 5)
+        await first.close()
+        second = await relay.client(secret_key=key)
+        await second.ping()
+        assert hop.transport is not None
+        hop.transport.sendto(b"\x8e" + data[-59:] + b"\x84late", source)
+        stats = relay.shard.server.stats
+        await wait_for(lambda: stats["dropped.reply_stale"] == 1)
+        await second.ping()
+        assert second.pending_events() == []
+        await second.close()
+        hop.transport.close()
+
+
+def test_rate_limit_drops_and_counts_without_closing() -> None:
+    run(_rate_limit_drops_and_counts_without_closing())
+
+
+async def _rate_limit_drops_and_counts_without_closing() -> None:
+    options = RelayOptions(onion_rate_per_client=1.0, onion_burst_per_client=2.0)
+    async with live_relay(options) as relay:
+        hop, hop_port = await next_hop()
+        client = await relay.client()
+        for _ in range(5):
+            client.send_plain(onion_request(hop_port))
+        await client.ping()
+        stats = relay.shard.server.stats
+        await wait_for(lambda: stats["onion.requests_sent"] == 2)
+        assert stats["dropped.onion_rate_client"] == 3
+        assert hop.received.qsize() <= 2
+        await client.close()
+        assert hop.transport is not None
+        hop.transport.close()
+
+
+def test_ipv6_next_hop_from_an_ipv4_relay_is_counted_not_sent() -> None:
+    run(_ipv6_next_hop_from_an_ipv4_relay_is_counted_not_sent())
+
+
+async def _ipv6_next_hop_from_an_ipv4_relay_is_counted_not_sent() -> None:
+    async with live_relay() as relay:
+        client = await relay.client()
+        address = b"\x0a" + bytes(15) + b"\x01" + struct.pack(">H", 9)
+        client.send_plain(b"\x08" + bytes(24) + address + bytes(300))
+        await client.ping()
+        stats = relay.shard.server.stats
+        await wait_for(lambda: stats["dropped.udp_unreachable"] == 1)
+        await client.close()
