@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
 from collections.abc import Callable
 
+from cluster.client import RelayClient
 from relaycore.packets import Forwarding, OnionResponse
-from tests.cluster_process.support import Cluster, run, wait_until
+from tests.cluster_process.support import Cluster, closed_within, run, wait_until
 
 REPLY_SOCKETS = 24  # distinct source ports: the kernel spreads them over the shards
 
@@ -92,3 +95,52 @@ def test_replies_reach_the_client_whichever_worker_receives_them(
         assert 0 < totals["onion_replies_crossed_shards"] < REPLY_SOCKETS, totals
 
     run(body())
+
+
+def test_answers_for_a_killed_workers_client_never_reach_its_new_connection(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    """Done-when of the onion issue: the return path was lost (its worker got
+    SIGKILL, the client reconnected with the same key on the replacement);
+    answers to the old requests, whichever worker receives them, are dropped,
+    while a new request of the new connection is answered."""
+    cluster = make_cluster(workers=2)
+    udp_port = cluster.relay.udp_port
+    victim, _ = cluster.shards()
+
+    async def body() -> None:
+        hop = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        hop.bind(("127.0.0.1", 0))
+        hop.settimeout(5)
+        repliers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(REPLY_SOCKETS)]
+        try:
+            for replier in repliers:
+                replier.bind(("127.0.0.1", 0))
+            key = os.urandom(32)
+            old = await cluster.connect(victim, secret_key=key)
+            old.send_plain(onion_request(hop.getsockname()[1]))
+            old_request, _ = await asyncio.to_thread(hop.recvfrom, 4096)
+            os.kill(victim.pid, signal.SIGKILL)
+            await closed_within(old, 2.0)
+            replacement = await cluster.wait_for_shard(victim.worker, victim.shard, 3.0)
+            new = await cluster.connect(replacement, secret_key=key, timeout=3.0)
+            for replier in repliers:
+                replier.sendto(b"\x8e" + old_request[-59:] + b"\x84old", ("127.0.0.1", udp_port))
+            new.send_plain(onion_request(hop.getsockname()[1]))
+            new_request, _ = await asyncio.to_thread(hop.recvfrom, 4096)
+            repliers[0].sendto(b"\x8e" + new_request[-59:] + b"\x84new", ("127.0.0.1", udp_port))
+            assert await client_answer(new) == OnionResponse(b"\x84new")
+            await asyncio.sleep(0.5)  # let any stray old answer arrive
+            await new.ping()
+            assert [e for e in new.pending_events() if isinstance(e, OnionResponse)] == []
+            await new.close()
+        finally:
+            hop.close()
+            for replier in repliers:
+                replier.close()
+
+    run(body())
+
+
+async def client_answer(client: RelayClient) -> OnionResponse:
+    return await client.expect(OnionResponse, timeout=5)
