@@ -6,6 +6,8 @@ of a reply that arrives on another shard's UDP socket."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relaycore.onion import (
     KEY_REFRESH_INTERVAL,
@@ -420,3 +422,33 @@ def test_reply_for_a_shard_not_yet_listed_still_crosses() -> None:
     other = RelayServer(bytes(range(32)), shard=2, incarnation=2, onion_secrets=SECRETS)
     other.receive_datagram(b"\x8e" + block + b"\x84x", 5.0)
     assert other.take_bus() == [(9, (Link.REPLY, 1, b"\x09\x84x"))]
+
+
+# ----------------------------------------------------------------------
+# Whatever arrives on the UDP port or in a type 8/10, nothing breaks
+# ----------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=2100), first=st.sampled_from([0x8E, 0x92, 0x80, 0x02]))
+def test_any_datagram_is_handled_or_counted_never_raises(data: bytes, first: int) -> None:
+    net = Network(onion_secrets=SECRETS, now=1000.0)
+    a = net.connect("a")
+    net.receive_datagram(bytes((first,)) + data)
+    assert a.received == [] and not a.closed  # nothing opens without the key
+    assert sum(v for k, v in net.server.stats.items() if k.startswith(("dropped.", "udp."))) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(min_size=159, max_size=2031), kind=st.sampled_from([8, 10]))
+def test_any_request_is_sent_dropped_or_kills_by_the_spec(body: bytes, kind: int) -> None:
+    net = Network(onion_secrets=SECRETS, now=1000.0)
+    a = net.connect("a")
+    net.send_plain("a", bytes((kind,)) + body)
+    datagrams = net.server.take_datagrams()
+    if a.closed:
+        assert a.close_reason == "R-PKT-10" and datagrams == []
+    else:
+        for datagram in datagrams:
+            assert is_sendable(datagram.host, datagram.port)
+            assert len(datagram.data) <= (1400 if kind == 8 else 2048)
