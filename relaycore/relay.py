@@ -132,7 +132,9 @@ class ServerConnection:
         self.slots: list[Slot | None] = [None] * NUM_CLIENT_CONNECTIONS
         self.slot_of_key: dict[bytes, int] = {}
         self.identifier = 0  # R-CONF-4, set on confirmation
-        self.epoch: Epoch = 0  # cluster-unique id of this connection, set on confirmation
+        # Cluster-unique id of this connection: set on confirmation, renewed when
+        # the coordinator dropped our shard while we lived (_renew_after_own_drop).
+        self.epoch: Epoch = 0
         # While a routing request waits for the other shard's answer, this
         # connection's later frames stay unread, so its clients sees events in
         # the order one process would produce them (equivalence invariant).
@@ -199,6 +201,7 @@ class RelayServer:
         self.shard = shard
         self.clustered = shard is not None
         self._epoch_base = incarnation << EPOCH_COUNTER_BITS
+        self._epoch_serial = 0  # a connection gets a new epoch when our keys were dropped
         self.directory: dict[bytes, RemotePeer] = {}  # replica of the routing map, other shards
         self._remote_links: dict[RemotePeer, set[ServerConnection]] = {}
         self.peer_shards: set[ShardId] = set()  # the other live shards (coordinator's view)
@@ -412,7 +415,8 @@ class RelayServer:
         self.pending.discard(connection)
         self._identifier += 1
         connection.identifier = self._identifier  # R-CONF-4
-        connection.epoch = self._epoch_base | self._identifier
+        self._epoch_serial += 1
+        connection.epoch = self._epoch_base | self._epoch_serial
         connection.last_pinged = now
         connection.ping_id = _ZERO_PING_ID
         connection.state = ConnectionState.CONFIRMED
@@ -693,21 +697,7 @@ class RelayServer:
         elif kind == MapUpdate.DROP_SHARD:
             _, shard = update
             if shard == self.shard:
-                # The coordinator took us for dead (silent too long): the other
-                # shards ended their links to our clients, so ours end too, and
-                # the adapter registers our clients again. Each is UNLINKed and
-                # WANTed again on the bus: a link made after a shard had read
-                # this drop (and the SET of a client we confirmed meanwhile) is
-                # still up there, and a shard that missed this update never
-                # ended its side; a registration that changes nothing makes
-                # no SET to make them WANT.
-                ended = [(c, r) for r, holders in self._remote_links.items() for c in holders]
-                for connection, remote in ended:
-                    self._send_link(Link.UNLINK, connection.public_key, connection.epoch, remote)  # type: ignore[arg-type]
-                for remote in list(self._remote_links):
-                    self._end_remote_links(remote)
-                for connection, remote in ended:
-                    self._send_want(connection, remote)
+                self._renew_after_own_drop()
                 return
             self.peer_shards.discard(shard)
             self._dropped_shards.add(shard)
@@ -722,6 +712,36 @@ class RelayServer:
                 self._end_remote_links(remote)
             for connection in [c for c in self._waiting if c.waiting_for.shard == shard]:  # type: ignore[union-attr]
                 self._stop_waiting(connection, self._clock)
+
+    def _renew_after_own_drop(self) -> None:
+        """The coordinator took us for dead (silent too long: SIGSTOP, a stalled
+        host) and dropped our keys; the other shards ended their links to our
+        clients. Our side of each link ends too, and is UNLINKed on the bus for
+        a shard that linked again before it read the drop (or never reads it).
+
+        Then every confirmed connection gets a *new epoch* and registers again.
+        Link messages the other shards sent before they read the drop (a LINKED
+        answering crossed WANTs, a WANT re-sent on a SET, an UNLINK of the drop
+        itself) may still be queued for us, behind that drop; they name the old
+        epochs, so they are dropped as stale (``_local``) instead of making
+        links their senders have already ended or ending the new ones (a client
+        saw 03 02 03 02). Each new registration makes a SET that names a new
+        epoch, so every shard with a REQUESTED slot on the key WANTs it again:
+        that relinks, once (R-ROUTE-6)."""
+        ended = [(c, r) for r, holders in self._remote_links.items() for c in holders]
+        for connection, remote in ended:
+            self._send_link(Link.UNLINK, connection.public_key, connection.epoch, remote)  # type: ignore[arg-type]
+        self._mapped.clear()
+        for key, connection in self.by_key.items():
+            self._epoch_serial += 1
+            connection.epoch = self._epoch_base | self._epoch_serial
+            self._registry.append((Registry.REGISTER, key, connection.epoch))
+        for remote in list(self._remote_links):
+            self._end_remote_links(remote)
+        # An answer to a WANT sent before the drop names the old epoch: it
+        # would never arrive, so do not wait for it.
+        for connection in list(self._waiting):
+            self._stop_waiting(connection, self._clock)
 
     def reset_directory(
         self, entries: list[tuple[bytes, ShardId, Epoch]], merge: bool = False

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from coordinator.client import CoordinatorClient, ReplicaHandler
-from relaycore.shardlink import MapUpdate, Registry
+from relaycore.shardlink import MapUpdate
 from worker.bus import PeerBus
 from worker.reporting import StatsReporter
 from worker.shard import Shard
@@ -57,13 +57,8 @@ class ClusterMember(ReplicaHandler):
     # ReplicaHandler
     def apply_map_update(self, update: tuple) -> None:
         self.server.apply_map_update(update)
-        if update[0] == MapUpdate.DROP_SHARD:
-            if update[1] == self.server.shard:
-                self.coordinator.send_events(
-                    [(Registry.REGISTER, key, epoch) for key, epoch in self.server.registrations()]
-                )
-            else:
-                self.bus.forget(update[1])
+        if update[0] == MapUpdate.DROP_SHARD and update[1] != self.server.shard:
+            self.bus.forget(update[1])
 
     def reset_directory(self, entries: list, merge: bool) -> None:
         self.server.reset_directory(entries, merge=merge)

@@ -18,7 +18,7 @@ with FIFO channels:
 
 Faults: ``crash`` (a worker dies; DROP_SHARD; a new worker with a new id),
 ``stall`` (the coordinator drops a live worker; it sees its own DROP_SHARD,
-registers its clients again as worker/cluster_member.py does) and
+gives its clients new epochs and registers them again) and
 ``lose_update`` (one map update to one worker is lost).
 
 Nothing moves by itself: ``deliver_one(choice)`` delivers the head of one
@@ -535,12 +535,7 @@ class SimulatedCluster(_Driver):
                 self._resync(shard, updates[index:])
                 return
             self.applied[shard] = sequence
-            server.apply_map_update(update)
-            if update[0] == MapUpdate.DROP_SHARD and update[1] == shard:
-                # worker/cluster_member.py: registers its clients again
-                self.registry[shard].extend(
-                    (Registry.REGISTER, key, epoch) for key, epoch in server.registrations()
-                )
+            server.apply_map_update(update)  # (own DROP_SHARD: new epochs, REGISTERs)
 
     def _resync(self, shard: int, buffered: list[tuple[int, tuple]] = ()) -> None:  # type: ignore[assignment]
         """Ask for a snapshot (on the events' channel, so after our events) and

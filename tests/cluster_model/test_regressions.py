@@ -318,33 +318,36 @@ def test_links_ended_by_a_drop_are_unlinked_on_the_bus_too() -> None:
     """Invariant 2 with a shard dropped while alive (found by the concurrent
     model with ``stall``; replayed here with explicit deliveries).
 
-    alice@1 and bob@2 are linked; shard 2 stalls and is dropped. It reads its
-    own DROP_SHARD first (bob: 03) and WANTs bob's link again; shard 1 has not
-    read the DROP_SHARD yet and links alice to bob again (LINKED; both 02).
-    Then shard 1 reads the DROP_SHARD and ended alice's link without a word
-    (alice: 03); alice gave the id up: bob stayed linked to nobody, for good.
+    dave@1 holds a request for bob@2. Shard 2 stalls and is dropped; it reads
+    its own DROP_SHARD first (bob gets a new epoch), and bob's request for
+    dave reaches shard 1 before shard 1 reads the DROP_SHARD: both link (02).
+    Then shard 1 reads the DROP_SHARD and ended dave's link without a word
+    (dave: 03); dave gave the id up: bob stayed linked to nobody, for good.
     Fixed in ``RelayServer.apply_map_update`` (DROP_SHARD of another shard):
-    each link it ends is also UNLINKed on the bus, after that LINKED (bob: 03)."""
+    each link it ends is also UNLINKed on the bus, after that LINKED (bob: 03).
+
+    (Before own drops renewed epochs the shard's own WANT after its drop made
+    the link; a link to the new epoch made before the other shard reads the
+    drop still needs the UNLINK.)"""
     cluster = SimulatedCluster(2)
-    alice, bob = cluster.connect("alice", 0), cluster.connect("bob", 1)
+    dave, bob = cluster.connect("dave", 0), cluster.connect("bob", 1)
     cluster.quiesce()
-    cluster.send(alice.index, RoutingRequest(PUBLIC_KEYS["bob"]))
-    cluster.quiesce()
-    cluster.send(bob.index, RoutingRequest(PUBLIC_KEYS["alice"]))
-    cluster.quiesce()
+    cluster.send(dave.index, RoutingRequest(PUBLIC_KEYS["bob"]))
+    cluster.quiesce()  # bob has no slot for dave: NOLINK
     cluster.stall(1)
-    _deliver(cluster, "update", 2)  # shard 2 reads its own DROP_SHARD: UNLINK, WANT
-    _deliver(cluster, "bus", (2, 1))  # UNLINK: alice 03
-    _deliver(cluster, "bus", (2, 1))  # WANT: alice links again, LINKED
-    _deliver(cluster, "bus", (1, 2))  # bob links again
-    _deliver(cluster, "update", 1)  # shard 1 reads the DROP_SHARD: alice 03
-    cluster.send(alice.index, DisconnectNotification(16))
+    _deliver(cluster, "update", 2)  # shard 2 reads its own DROP_SHARD: bob's new epoch
+    cluster.send(bob.index, RoutingRequest(PUBLIC_KEYS["dave"]))  # WANT (new epoch)
+    _deliver(cluster, "bus", (2, 1))  # WANT: dave links, LINKED
+    _deliver(cluster, "bus", (1, 2))  # bob links
+    assert [e for _, e in bob.events][-1] == ("connect", 16)
+    _deliver(cluster, "update", 1)  # shard 1 reads the DROP_SHARD: dave 03
+    cluster.send(dave.index, DisconnectNotification(16))
     cluster.quiesce()
     cluster.tick(cluster.now + 3.0)
     cluster.quiesce()
     assert link_problems(cluster) == []
     assert [e for _, e in bob.events][-2:] == [("connect", 16), ("disconnect", 16)]
-    assert not bob.violations and not alice.violations
+    assert not bob.violations and not dave.violations
 
 
 def test_link_made_before_a_shard_reads_its_own_drop_is_unlinked_and_renewed() -> None:
@@ -413,3 +416,42 @@ def test_link_taken_over_by_a_doomed_connection_is_wanted_again() -> None:
         model=ConcurrentClusterModel,
         pairs=[(0, 0)],
     )
+
+
+def test_link_messages_sent_before_a_drop_do_not_relink_the_dropped_shard() -> None:
+    """A shard dropped while alive, and link messages its peers sent before
+    they read the drop (tests/cluster_process/test_faults.py
+    ``..._past_the_silence_limit_comes_back_symmetric``, about 1 run in 4).
+
+    alice@1 holds a request for bob@2; bob requests alice: shard 1 links alice
+    and answers LINKED, but shard 2 stalls before it reads that answer and is
+    dropped. Shard 1 reads the DROP_SHARD (alice: 03, UNLINK behind the
+    LINKED). Shard 2 reads its own DROP_SHARD, then the stale LINKED: bob
+    linked (02), the UNLINK ended it (03), and the SET of bob's registering
+    again linked the pair (02): 02 03 02 where one server gives 02. Fixed in
+    ``RelayServer._renew_after_own_drop``: a dropped shard's connections get
+    new epochs, so what was sent to the old ones is dropped as stale; the
+    SETs of the new epochs relink once."""
+    cluster = SimulatedCluster(2)
+    alice, bob = cluster.connect("alice", 0), cluster.connect("bob", 1)
+    cluster.quiesce()
+    cluster.send(alice.index, RoutingRequest(PUBLIC_KEYS["bob"]))
+    cluster.quiesce()  # bob has no slot for alice: NOLINK
+    cluster.send(bob.index, RoutingRequest(PUBLIC_KEYS["alice"]))
+    _deliver(cluster, "bus", (2, 1))  # WANT: alice links (02), LINKED on its way
+    cluster.stall(1)
+    _deliver(cluster, "update", 1)  # shard 1 reads DROP_SHARD(2): alice 03, UNLINK
+    _deliver(cluster, "update", 2)  # shard 2 reads its own DROP_SHARD
+    _deliver(cluster, "bus", (1, 2))  # the LINKED sent before the drop
+    _deliver(cluster, "bus", (1, 2))  # the UNLINK of the drop
+    cluster.quiesce()
+    cluster.tick(cluster.now + 3.0)
+    cluster.quiesce()
+    assert link_problems(cluster) == []
+    assert [e for _, e in bob.events if e[0] in ("connect", "disconnect")] == [("connect", 16)]
+    assert [e for _, e in alice.events if e[0] in ("connect", "disconnect")] == [
+        ("connect", 16),
+        ("disconnect", 16),
+        ("connect", 16),
+    ]
+    assert not bob.violations and not alice.violations
