@@ -48,6 +48,14 @@ LINK_ANSWER_TIMEOUT = 2.0
 # Seconds a link to a connection that the map says is gone may wait for that
 # shard's own UNLINK before it is ended anyway.
 UNLINK_GRACE = 1.0
+# Seconds a remote connection that the map says was replaced (R-CONF-3) or
+# ended is remembered as dead, so that a WANT or LINKED from it that a shard
+# sent before it read that update, and that arrives late, cannot take a link
+# over from the key's newer connection. Longer than the coordinator's silence
+# limit (3 s): a shard that lags more than that is dropped, and what it sent
+# before is refused through _dropped_shards. At most MAX_DEAD_EPOCHS of them.
+DEAD_EPOCH_MEMORY = 10.0
+MAX_DEAD_EPOCHS = 65536
 
 
 class ConnectionState(Enum):
@@ -209,6 +217,7 @@ class RelayServer:
         self._clock = 0.0  # the latest `now` seen, for map updates (which carry none)
         self._doomed: dict[RemotePeer, float] = {}
         self._dropped_shards: set[ShardId] = set()  # DROP_SHARD seen, no SET since
+        self._dead: dict[RemotePeer, float] = {}  # replaced / ended -> forget at (in order)
         self._mapped: set[Epoch] = set()  # our connections whose SET we have seen
         self._wanting: dict[bytes, set[ServerConnection]] = {}  # key -> local holders of a slot
         self._bus: list[tuple[ShardId, tuple]] = []
@@ -297,6 +306,9 @@ class RelayServer:
                 and now >= connection.last_pinged + options.ping_timeout
             ):
                 self.kill(connection, "R-PING-4")
+        dead = self._dead
+        while dead and next(iter(dead.values())) <= now:
+            del dead[next(iter(dead))]
         for remote, deadline in list(self._doomed.items()):
             if now >= deadline:
                 del self._doomed[remote]
@@ -652,6 +664,17 @@ class RelayServer:
                 reply = Link.NOLINK if kind == Link.WANT else Link.UNLINK
                 self._send_link(reply, to_pk, to_epoch, remote)
                 return
+            if remote in self._dead:
+                # Sent before its shard read the update that replaced or ended
+                # it, read after ours did: it must not take the link over from
+                # the key's newer connection (no 03/02 for our client).
+                self.stats["dropped.dead_epoch"] += 1
+                reply = Link.NOLINK if kind == Link.WANT else Link.UNLINK
+                self._send_link(reply, to_pk, to_epoch, remote)
+                connection = self.by_key.get(to_pk)
+                if connection is not None and connection.epoch == to_epoch:
+                    self._answer_arrived(connection, remote, now)
+                return
             self._linked_by_remote(remote, to_pk, to_epoch, answer=kind == Link.WANT, now=now)
         elif kind == Link.NOLINK:
             _, from_pk, from_epoch, to_pk, to_epoch = message
@@ -675,8 +698,11 @@ class RelayServer:
                     if old is not None and old.epoch == replaced_epoch:
                         self.kill(old, "R-CONF-3")
                 else:
-                    self._doom(RemotePeer(replaced_shard, public_key, replaced_epoch))
+                    replaced = RemotePeer(replaced_shard, public_key, replaced_epoch)
+                    self._note_dead(replaced)
+                    self._doom(replaced)
             self._dropped_shards.discard(shard)  # (dropped while alive, registers again)
+            self._dead.pop(RemotePeer(shard, public_key, epoch), None)  # (the same: alive)
             if shard == self.shard:
                 self.directory.pop(public_key, None)
                 self._mapped.add(epoch)
@@ -693,7 +719,9 @@ class RelayServer:
             if current is not None and current.epoch == epoch:
                 del self.directory[public_key]
             if shard != self.shard:
-                self._doom(RemotePeer(shard, public_key, epoch))
+                ended = RemotePeer(shard, public_key, epoch)
+                self._note_dead(ended)
+                self._doom(ended)
         elif kind == MapUpdate.DROP_SHARD:
             _, shard = update
             if shard == self.shard:
@@ -704,6 +732,8 @@ class RelayServer:
             for public_key, remote in list(self.directory.items()):
                 if remote.shard == shard:
                     del self.directory[public_key]
+                    # (if that shard lives, it gives its clients new epochs)
+                    self._note_dead(remote)
             for remote in [r for r in self._remote_links if r.shard == shard]:
                 # Said on the bus too (lost if that worker is dead): one dropped
                 # while alive may have linked on a LINKED we sent before this.
@@ -772,24 +802,43 @@ class RelayServer:
                     and entry != (self.shard, connection.epoch)
                 ):
                     self.kill(connection, "R-CONF-3")
+            # A connection of ours that the map had and now lacks can only have
+            # gone with our DROP_SHARD (a DEL follows our own UNREGISTER): that
+            # is the update we missed, and we do what it would have made us do.
+            dropped = any(
+                connection.epoch in self._mapped and key not in listed
+                for key, connection in self.by_key.items()
+            )
             self._mapped.update(e for s, e in listed.values() if s == self.shard)
             self.directory = {}
             live = set(snapshot.values())
             for remote in [r for r in self._remote_links if r not in live]:
                 self._end_remote_links(remote)
-            # Our confirmed keys that the map lacks register again: a no-op if
-            # their REGISTER is still on its way, and what our own DROP_SHARD
-            # would have made the adapter do if that was the update we missed.
-            self._registry.extend(
-                (Registry.REGISTER, key, connection.epoch)
-                for key, connection in self.by_key.items()
-                if key not in listed
-            )
+            if dropped:
+                self._renew_after_own_drop()
+            else:
+                # Our confirmed keys that the map lacks register again: a no-op
+                # if their REGISTER is still on its way, and needed if they were
+                # registered and dropped with us before we saw their SET.
+                self._registry.extend(
+                    (Registry.REGISTER, key, connection.epoch)
+                    for key, connection in self.by_key.items()
+                    if key not in listed
+                )
         for public_key, remote in snapshot.items():
             if self.directory.get(public_key) != remote:
                 self.apply_map_update(
                     (MapUpdate.SET, public_key, remote.shard, remote.epoch, None, None)
                 )
+
+    def _note_dead(self, remote: RemotePeer) -> None:
+        """The map says ``remote`` was replaced or has ended: refuse its link
+        messages for DEAD_EPOCH_MEMORY seconds (see there)."""
+        dead = self._dead
+        dead.pop(remote, None)
+        dead[remote] = self._clock + DEAD_EPOCH_MEMORY
+        if len(dead) > MAX_DEAD_EPOCHS:
+            del dead[next(iter(dead))]
 
     def _doom(self, remote: RemotePeer) -> None:
         """The map says ``remote`` is gone. Its own shard sends UNLINK over the

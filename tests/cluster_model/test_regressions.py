@@ -101,7 +101,10 @@ def test_linked_for_a_connection_that_ended_is_answered_with_unlink() -> None:
     there, so bob stayed linked to a connection that no longer exists, for
     good. Fixed in ``RelayServer._linked_by_remote``: a LINKED for a local end
     that is gone is answered with UNLINK (bob: 03), as one for a slot given up
-    already was."""
+    already was. Since bob's shard remembers the epochs the map ended
+    (``RelayServer._dead``), the late WANT itself is refused (NOLINK): bob is
+    never linked to the dead epoch and hears nothing (the UNLINK answer still
+    covers a DEL that comes after the WANT)."""
     state = replay(
         2,
         [(ALICE, 0), (ALICE, 0)],
@@ -115,7 +118,7 @@ def test_linked_for_a_connection_that_ended_is_answered_with_unlink() -> None:
     )
     assert state.cluster is not None
     bob = state.cluster.clients[3]
-    assert [e for _, e in bob.events][-2:] == [("connect", 16), ("disconnect", 16)]
+    assert [e for _, e in bob.events if e[0] in ("connect", "disconnect")] == []
 
 
 def test_want_from_a_crashed_shard_read_after_its_drop_makes_no_link() -> None:
@@ -455,3 +458,78 @@ def test_link_messages_sent_before_a_drop_do_not_relink_the_dropped_shard() -> N
         ("connect", 16),
     ]
     assert not bob.violations and not alice.violations
+
+
+def _quiesce_without(cluster: SimulatedCluster, shard: int) -> None:
+    """Deliver everything that does not go to ``shard`` (it is stopped)."""
+    while True:
+        for index, (kind, address, _) in enumerate(cluster.pending()):
+            to = address[1] if kind == "bus" else address
+            if to != shard and not (kind == "registry" and address == shard):
+                cluster.deliver_one(index)
+                break
+        else:
+            return
+
+
+def test_late_want_from_a_replaced_connection_does_not_break_the_new_link() -> None:
+    """R-CONF-3 across shards; invariant 1 (no 03/02 on one server).
+    tests/cluster_process/test_cross_shard.py has the same with real processes.
+
+    alice@1 holds a request for bob while bob is offline; shard 1 lags while
+    bob connects on shard 2 and alice again on shard 3 (her SET names alice@1
+    as replaced) and the new alice links with bob. Shard 1 then reads bob's
+    SET, which re-sends alice@1's WANT, before the SET that replaces her.
+    Bob's shard took any other epoch of the key for a newer one: it ended the
+    link to the new alice (03), linked the dead one (02), was UNLINKed back
+    (03) and WANTed the new one again (02). Fixed in ``RelayServer``: an epoch
+    the map said was replaced or ended is remembered (``_dead``) and its WANT
+    or LINKED is refused without touching the link."""
+    cluster = SimulatedCluster(3)
+    alice = cluster.connect("alice", 0)
+    cluster.quiesce()
+    cluster.send(alice.index, RoutingRequest(PUBLIC_KEYS["bob"]))
+    cluster.quiesce()
+    bob = cluster.connect("bob", 1)
+    _deliver(cluster, "registry", 2)  # SET(bob)
+    new_alice = cluster.connect("alice", 2)
+    _quiesce_without(cluster, 1)  # SET(alice@3, replaced alice@1), except on shard 1
+    cluster.send(new_alice.index, RoutingRequest(PUBLIC_KEYS["bob"]))
+    cluster.send(bob.index, RoutingRequest(PUBLIC_KEYS["alice"]))
+    _quiesce_without(cluster, 1)
+    assert [e for _, e in bob.events][-1] == ("connect", 16)
+    while not cluster.bus.get((1, 2)):
+        _deliver(cluster, "update", 1)  # SET(bob): alice@1's WANT
+    _deliver(cluster, "bus", (1, 2))  # ... read by bob's shard first
+    cluster.quiesce()
+    cluster.tick(cluster.now + 3.0)
+    cluster.quiesce()
+    assert link_problems(cluster) == []
+    assert alice.close_reason == "R-CONF-3"
+    assert [e for _, e in bob.events if e[0] in ("connect", "disconnect")] == [("connect", 16)]
+    assert [e for _, e in new_alice.events if e[0] in ("connect", "disconnect")] == [
+        ("connect", 16)
+    ]
+
+
+def test_shard_that_missed_its_own_drop_renews_its_epochs_after_the_resync() -> None:
+    """Concurrent model (``stall``, then ``lose_update``), invariant 2.
+
+    alice@1 and bob@2 are linked; shard 1 is dropped while alive and loses
+    that very DROP_SHARD. Its resync finds alice missing from the snapshot and
+    registered her again under the same epoch, which shard 2 had noted as
+    ended with the drop (``RelayServer._dead``): the LINKED answering shard
+    2's WANT was refused, both slots REQUESTED for good. Fixed in
+    ``RelayServer.reset_directory``: a connection the map had and the
+    snapshot lacks went with our own DROP_SHARD, so the resync does what that
+    update does (``_renew_after_own_drop``: new epochs); and a SET naming an
+    epoch takes it off the dead list."""
+    replay(
+        2,
+        [(ALICE, 0), (BOB, 1), (CAROL, 0)],
+        ("stall", {"schedule": 15, "shard": 0}),
+        ("lose_update", {"schedule": 0, "shard": 0}),
+        ("settle", {"schedule": 0}),
+        model=ConcurrentClusterModel,
+        pairs=[(0, 0)],
+    )
