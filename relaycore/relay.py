@@ -723,7 +723,7 @@ class RelayServer:
                 self._note_dead(ended)
                 self._doom(ended)
         elif kind == MapUpdate.DROP_SHARD:
-            _, shard = update
+            _, shard, _exited = update  # (exited or silent: the same to the relay table)
             if shard == self.shard:
                 self._renew_after_own_drop()
                 return

@@ -57,8 +57,12 @@ class ClusterMember(ReplicaHandler):
     # ReplicaHandler
     def apply_map_update(self, update: tuple) -> None:
         self.server.apply_map_update(update)
-        if update[0] == MapUpdate.DROP_SHARD and update[1] != self.server.shard:
-            self.bus.forget(update[1])
+        if update[0] == MapUpdate.DROP_SHARD:
+            _, shard, exited = update
+            # Only a shard whose process is gone is forgotten: one dropped for
+            # silence may be alive (SIGSTOP) and speak again with the same id.
+            if exited and shard != self.server.shard:
+                self.bus.forget(shard)
 
     def reset_directory(self, entries: list, merge: bool) -> None:
         self.server.reset_directory(entries, merge=merge)

@@ -592,7 +592,7 @@ class SimulatedCluster(_Driver):
         ):
             return  # coordinator/service.py ``_drop``: not seen since its last drop
         self.announced.discard(dead)
-        self._publish(self.directory.drop_shard(dead))
+        self._publish(self.directory.drop_shard(dead, exited=False))
         self._announce_shards()
 
     def lose_update(self, shard: int) -> bool:
@@ -631,7 +631,7 @@ class SimulatedCluster(_Driver):
         self.announced.discard(dead)
         for pair in [pair for pair in self.bus if pair[1] == dead]:
             del self.bus[pair]
-        self._publish(self.directory.drop_shard(dead))
+        self._publish(self.directory.drop_shard(dead, exited=True))
         self.positions[shard] = self._start_shard(self._next_shard)
         self._announce_shards()
         self._pump(self.servers[self.positions[shard]])
