@@ -118,11 +118,12 @@ class CoordinatorService:
             shard = message[1]
             self.last_seen[shard] = now
             self.identities[shard] = identity
-        elif kind == "snapshot":
+        elif kind == "snapshot":  # ["snapshot", request number], echoed back
             self.directory.resyncs += 1
             sequence, entries = self.directory.snapshot()
+            request = message[1] if len(message) > 1 else None
             self.router.send_multipart(
-                [identity, pack(["snapshot", self.incarnation, sequence, entries])]
+                [identity, pack(["snapshot", self.incarnation, sequence, entries, request])]
             )
         elif kind == "drop":
             self._drop(message[1], "worker exited", exited=True)

@@ -56,6 +56,8 @@ UNLINK_GRACE = 1.0
 # before is refused through _dropped_shards. At most MAX_DEAD_EPOCHS of them.
 DEAD_EPOCH_MEMORY = 10.0
 MAX_DEAD_EPOCHS = 65536
+# Snapshot requests remembered until their answer (one is usually outstanding).
+MAX_SNAPSHOT_REQUESTS = 16
 
 
 class ConnectionState(Enum):
@@ -219,6 +221,10 @@ class RelayServer:
         self._dropped_shards: set[ShardId] = set()  # DROP_SHARD seen, no SET since
         self._dead: dict[RemotePeer, float] = {}  # replaced / ended -> forget at (in order)
         self._mapped: set[Epoch] = set()  # our connections whose SET we have seen
+        # Our epochs only grow and each REGISTER is queued as its epoch is
+        # given: every epoch up to this one has had its REGISTER taken.
+        self._registered_upto: Epoch = 0
+        self._snapshot_marks: dict[int, Epoch] = {}  # request -> _registered_upto then
         self._wanting: dict[bytes, set[ServerConnection]] = {}  # key -> local holders of a slot
         self._bus: list[tuple[ShardId, tuple]] = []
         self._registry: list[tuple] = []
@@ -612,7 +618,22 @@ class RelayServer:
     def take_registry(self) -> list[tuple]:
         """REGISTER / UNREGISTER events for the coordinator since the last call."""
         registry, self._registry = self._registry, []
+        for kind, _, epoch in registry:
+            if kind == Registry.REGISTER and epoch > self._registered_upto:
+                self._registered_upto = epoch
         return registry
+
+    def snapshot_requested(self, request: int, events_delivered: bool = True) -> None:
+        """The adapter sends snapshot request ``request`` now, on the channel
+        of the registry events and behind every one taken so far, so the
+        coordinator has applied those REGISTERs when it answers; pass
+        ``events_delivered=False`` when some may be pending or were lost.
+        ``reset_directory`` with the same ``request`` then knows which of our
+        connections the snapshot reflects (R-CONF-3 after a gap)."""
+        marks = self._snapshot_marks
+        marks[request] = self._registered_upto if events_delivered else 0
+        while len(marks) > MAX_SNAPSHOT_REQUESTS:
+            del marks[next(iter(marks))]
 
     def registrations(self) -> list[tuple[bytes, Epoch]]:
         """Every confirmed key and its epoch (to rebuild a restarted coordinator)."""
@@ -774,7 +795,10 @@ class RelayServer:
             self._stop_waiting(connection, self._clock)
 
     def reset_directory(
-        self, entries: list[tuple[bytes, ShardId, Epoch]], merge: bool = False
+        self,
+        entries: list[tuple[bytes, ShardId, Epoch]],
+        merge: bool = False,
+        request: int | None = None,
     ) -> None:
         """Load a snapshot of the routing map.
 
@@ -782,31 +806,39 @@ class RelayServer:
         replica, and links to remote epochs it no longer holds end exactly as
         if their DEL had been received. After a coordinator restart
         (``merge=True``) the snapshot may still be filling up, so it only adds.
+        ``request`` is the one given to ``snapshot_requested`` (None: unknown).
         """
+        upto = self._snapshot_marks.pop(request, 0) if request is not None else 0
         snapshot = {
             key: RemotePeer(shard, key, epoch)
             for key, shard, epoch in entries
             if shard != self.shard
         }
         if not merge:
-            # R-CONF-3: a connection of ours that the map had and now maps to
-            # another connection of its key was replaced; the SET saying so
-            # may be the update we missed. (One the map never showed us may
-            # be newer than the snapshot: its SET comes later.)
+            # The snapshot reflects our connections whose SET we have seen and
+            # those whose REGISTER went before the request. Any other may be
+            # newer than the snapshot: its SET comes later.
+            def reflected(connection: ServerConnection) -> bool:
+                return connection.epoch in self._mapped or connection.epoch <= upto
+
+            # R-CONF-3: a reflected connection of ours that the snapshot maps
+            # to another connection of its key was replaced; the SET saying so
+            # may be the update we missed (or one we skipped, buffered while
+            # waiting for this snapshot, as older than it).
             listed = {key: (shard, epoch) for key, shard, epoch in entries}
             for key, connection in list(self.by_key.items()):
                 entry = listed.get(key)
                 if (
-                    connection.epoch in self._mapped
+                    reflected(connection)
                     and entry is not None
                     and entry != (self.shard, connection.epoch)
                 ):
                     self.kill(connection, "R-CONF-3")
-            # A connection of ours that the map had and now lacks can only have
-            # gone with our DROP_SHARD (a DEL follows our own UNREGISTER): that
-            # is the update we missed, and we do what it would have made us do.
+            # A reflected connection of ours that the snapshot lacks can only
+            # have gone with our DROP_SHARD (a DEL follows our own UNREGISTER):
+            # that is the update we missed; do what it would have made us do.
             dropped = any(
-                connection.epoch in self._mapped and key not in listed
+                reflected(connection) and key not in listed
                 for key, connection in self.by_key.items()
             )
             self._mapped.update(e for s, e in listed.values() if s == self.shard)

@@ -64,8 +64,11 @@ class ClusterMember(ReplicaHandler):
             if exited and shard != self.server.shard:
                 self.bus.forget(shard)
 
-    def reset_directory(self, entries: list, merge: bool) -> None:
-        self.server.reset_directory(entries, merge=merge)
+    def reset_directory(self, entries: list, merge: bool, request: int | None) -> None:
+        self.server.reset_directory(entries, merge=merge, request=request)
+
+    def snapshot_requested(self, request: int, events_delivered: bool) -> None:
+        self.server.snapshot_requested(request, events_delivered)
 
     def registrations(self) -> list[tuple[bytes, int]]:
         return self.server.registrations()

@@ -8,8 +8,6 @@ an expected failure, why the bug is left open."""
 
 from __future__ import annotations
 
-import pytest
-
 from relaycore.packets import DisconnectNotification, RoutingRequest
 from tests.cluster_model.simulation import PUBLIC_KEYS, SimulatedCluster, link_problems
 from tests.cluster_model.test_concurrent import ConcurrentClusterModel
@@ -263,9 +261,8 @@ def test_connection_replaced_by_a_lost_set_is_killed_after_the_resync() -> None:
     never killed and stayed confirmed beside bob@2 with its links (one
     server: last confirmed wins). Fixed in ``RelayServer.reset_directory``:
     after a gap, a local connection whose SET the shard has seen and that the
-    snapshot maps to another connection of its key is killed (R-CONF-3). One
-    whose SET it never saw may be newer than the snapshot and is left alone
-    (``test_replaced_connection_whose_set_was_never_seen_stays_alive``)."""
+    snapshot maps to another connection of its key is killed (R-CONF-3). (One
+    whose SET it never saw: ``test_replaced_connection_whose_set_was_never_seen_is_killed``.)"""
     replay(
         2,
         [(ALICE, 0), (BOB, 0)],
@@ -273,29 +270,26 @@ def test_connection_replaced_by_a_lost_set_is_killed_after_the_resync() -> None:
         ("reconnect_elsewhere", {"offset": 1, "pick": 0, "schedule": 1}),
         ("lose_update", {"schedule": 0, "shard": 0}),
         ("settle", {"schedule": 0}),
-        model=_WithoutResyncKills,
+        model=ConcurrentClusterModel,
         pairs=[(0, 0)],
     )
 
 
-class _WithoutResyncKills(ConcurrentClusterModel):
-    resync_kills = False
-
-
-@pytest.mark.xfail(strict=True, reason="known, not fixed: needs the adapter (see docstring)")
-def test_replaced_connection_whose_set_was_never_seen_stays_alive() -> None:
-    """Concurrent model (``lose_update``) without the model's emulated kill:
-    R-CONF-3 across shards, the map. KNOWN BUG, NOT FIXED.
+def test_replaced_connection_whose_set_was_never_seen_is_killed() -> None:
+    """Concurrent model (``lose_update``): R-CONF-3 across shards, the map.
 
     alice connects on shard 1 and then on shard 2; shard 2 loses an update
     and, while it waits for its snapshot, buffers and then skips (as older
     than the snapshot) the SET of its own alice, and the SET that replaced
-    her by the later alice@1. The snapshot maps alice to shard 1; shard 2 has
-    never seen its alice mapped, so ``reset_directory`` cannot tell her from
-    a connection newer than the snapshot (whose SET is still to come): she
-    stays confirmed beside alice@1. A fix needs the adapter to say which
-    registrations it had sent before it asked for the snapshot (they are in
-    it: same DEALER, in order), or the snapshot to carry replaced epochs."""
+    her by the later alice@1. The snapshot maps alice to shard 1; shard 2 had
+    never seen its alice mapped, so ``reset_directory`` could not tell her
+    from a connection newer than the snapshot (whose SET is still to come):
+    she stayed confirmed beside alice@1 (the model used to make that kill
+    itself). Fixed: the adapter numbers its snapshot requests and tells the
+    core when it sends one (``RelayServer.snapshot_requested``), behind every
+    REGISTER it took (one DEALER, in order); our epochs only grow, so every
+    connection with an epoch up to the last REGISTER taken then is in the
+    snapshot, and one the snapshot maps elsewhere was replaced: killed."""
     replay(
         4,
         [(ALICE, 0), (ALICE, 0)],
@@ -303,7 +297,7 @@ def test_replaced_connection_whose_set_was_never_seen_stays_alive() -> None:
         ("lose_update", {"schedule": 2, "shard": 1}),
         ("reconnect_elsewhere", {"offset": 1, "pick": 0, "schedule": 0}),
         ("settle", {"schedule": 0}),
-        model=_WithoutResyncKills,
+        model=ConcurrentClusterModel,
         pairs=[(0, 0)],
     )
 
