@@ -31,7 +31,8 @@ class ReplicaHandler:
     """What the client calls on the shard (implemented by the worker)."""
 
     def apply_map_update(self, update: tuple) -> None: ...
-    def reset_directory(self, entries: list, merge: bool) -> None: ...
+    def reset_directory(self, entries: list, merge: bool, request: int | None) -> None: ...
+    def snapshot_requested(self, request: int, events_delivered: bool) -> None: ...
     def registrations(self) -> list[tuple[bytes, int]]: ...
     def set_peer_shards(self, shards: list[int]) -> None: ...
     def after_input(self) -> None: ...  # flush what the updates produced
@@ -66,6 +67,7 @@ class CoordinatorClient:
         self._buffered: list[tuple[int, tuple]] = []
         self._pending_events: list[list] = []
         self.resyncs = 0
+        self._snapshot_requests = 0  # the number of the last snapshot request
         self.events_dropped = 0
         self._timer: asyncio.TimerHandle | None = None
         for sock in (self.dealer, self.subscriber):
@@ -106,10 +108,18 @@ class CoordinatorClient:
         self._timer = self.loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
 
     def _request_snapshot(self, merge: bool) -> None:
+        """Ask for a snapshot, behind our registry events on the one DEALER:
+        it reflects every REGISTER sent before (the shard is told which, by
+        the request's number, so that a resync can end a connection that the
+        map replaced in an update it skipped: R-CONF-3)."""
         self.syncing = True
         self.merge_next_snapshot = self.merge_next_snapshot or merge
         self.resyncs += 1
-        self._send(["snapshot"])
+        self.send_events([])  # what is still pending goes first, if it can
+        self._snapshot_requests += 1
+        delivered = not self._pending_events and not self.events_dropped
+        self.handler.snapshot_requested(self._snapshot_requests, delivered)
+        self._send(["snapshot", self._snapshot_requests])
 
     # -- receiving -------------------------------------------------------------
 
@@ -181,11 +191,11 @@ class CoordinatorClient:
     def _on_reply(self, message: list) -> None:
         if message[0] != "snapshot":
             return
-        _, incarnation, sequence, entries = message
+        _, incarnation, sequence, entries, request = message
         if self._coordinator_seen(incarnation):
             return  # a fresher snapshot is on its way
         self.handler.reset_directory(
-            [tuple(entry) for entry in entries], merge=self.merge_next_snapshot
+            [tuple(entry) for entry in entries], self.merge_next_snapshot, request
         )
         self.merge_next_snapshot = False
         self.syncing = False

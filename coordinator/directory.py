@@ -49,11 +49,12 @@ class Directory:
         del self.entries[public_key]
         return [self._publish((MapUpdate.DEL, public_key, shard, epoch))]
 
-    def drop_shard(self, shard: ShardId) -> list[tuple[int, tuple]]:
-        """A worker died: every key it held goes, in one update."""
+    def drop_shard(self, shard: ShardId, exited: bool) -> list[tuple[int, tuple]]:
+        """A worker died (``exited``: its process is gone) or fell silent:
+        every key it held goes, in one update."""
         for public_key in [k for k, (s, _) in self.entries.items() if s == shard]:
             del self.entries[public_key]
-        return [self._publish((MapUpdate.DROP_SHARD, shard))]
+        return [self._publish((MapUpdate.DROP_SHARD, shard, exited))]
 
     def snapshot(self) -> tuple[int, list[tuple[bytes, ShardId, Epoch]]]:
         """(sequence, entries) for a replica that missed updates."""

@@ -63,6 +63,7 @@ class CoordinatorService:
         self.directory = Directory()
         self.last_seen: dict[int, float] = {}  # shard -> monotonic time of last message
         self.identities: dict[int, bytes] = {}
+        self.exited: set[int] = set()  # shards whose process the supervisor saw end
         self.context = zmq.Context.instance()
         self.router = self.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
@@ -102,6 +103,10 @@ class CoordinatorService:
     def _handle(self, identity: bytes, message: list) -> None:
         kind = message[0]
         now = time.monotonic()
+        if kind in ("events", "heartbeat", "hello") and message[1] in self.exited:
+            # Sent before its process ended, read after the supervisor said so:
+            # its keys are gone with it (and it must not count as live again).
+            return
         if kind == "events":
             _, shard, events = message
             self.last_seen[shard] = now
@@ -113,14 +118,15 @@ class CoordinatorService:
             shard = message[1]
             self.last_seen[shard] = now
             self.identities[shard] = identity
-        elif kind == "snapshot":
+        elif kind == "snapshot":  # ["snapshot", request number], echoed back
             self.directory.resyncs += 1
             sequence, entries = self.directory.snapshot()
+            request = message[1] if len(message) > 1 else None
             self.router.send_multipart(
-                [identity, pack(["snapshot", self.incarnation, sequence, entries])]
+                [identity, pack(["snapshot", self.incarnation, sequence, entries, request])]
             )
         elif kind == "drop":
-            self._drop(message[1], "worker exited")
+            self._drop(message[1], "worker exited", exited=True)
         elif kind == "stats":
             self.router.send_multipart(
                 [
@@ -142,14 +148,21 @@ class CoordinatorService:
         else:
             log.warning("unknown message %r", kind)
 
-    def _drop(self, shard: int, why: str) -> None:
-        if self.last_seen.pop(shard, None) is None and not any(
+    def _drop(self, shard: int, why: str, *, exited: bool) -> None:
+        """Drop a shard's keys. Published again when a shard dropped for
+        silence exits later: only ``exited`` lets the others forget it."""
+        if exited:
+            if shard in self.exited:
+                return
+            self.exited.add(shard)
+        elif self.last_seen.get(shard) is None and not any(
             s == shard for s, _ in self.directory.entries.values()
         ):
             return
+        self.last_seen.pop(shard, None)
         self.identities.pop(shard, None)
         log.info("dropping shard %d (%s)", shard, why)
-        self._publish(self.directory.drop_shard(shard))
+        self._publish(self.directory.drop_shard(shard, exited))
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -173,7 +186,7 @@ class CoordinatorService:
                 next_heartbeat = now + HEARTBEAT_INTERVAL
                 for shard, seen in list(self.last_seen.items()):
                     if now - seen > WORKER_SILENCE_LIMIT:
-                        self._drop(shard, f"silent for {now - seen:.1f} s")
+                        self._drop(shard, f"silent for {now - seen:.1f} s", exited=False)
             timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000))
             try:
                 ready = dict(poller.poll(timeout_ms))

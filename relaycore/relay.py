@@ -63,6 +63,16 @@ LINK_ANSWER_TIMEOUT = 2.0
 # Seconds a link to a connection that the map says is gone may wait for that
 # shard's own UNLINK before it is ended anyway.
 UNLINK_GRACE = 1.0
+# Seconds a remote connection that the map says was replaced (R-CONF-3) or
+# ended is remembered as dead, so that a WANT or LINKED from it that a shard
+# sent before it read that update, and that arrives late, cannot take a link
+# over from the key's newer connection. Longer than the coordinator's silence
+# limit (3 s): a shard that lags more than that is dropped, and what it sent
+# before is refused through _dropped_shards. At most MAX_DEAD_EPOCHS of them.
+DEAD_EPOCH_MEMORY = 10.0
+MAX_DEAD_EPOCHS = 65536
+# Snapshot requests remembered until their answer (one is usually outstanding).
+MAX_SNAPSHOT_REQUESTS = 16
 
 
 class ConnectionState(Enum):
@@ -148,7 +158,9 @@ class ServerConnection:
         self.slots: list[Slot | None] = [None] * NUM_CLIENT_CONNECTIONS
         self.slot_of_key: dict[bytes, int] = {}
         self.identifier = 0  # R-CONF-4, set on confirmation
-        self.epoch: Epoch = 0  # cluster-unique id of this connection, set on confirmation
+        # Cluster-unique id of this connection: set on confirmation, renewed when
+        # the coordinator dropped our shard while we lived (_renew_after_own_drop).
+        self.epoch: Epoch = 0
         # While a routing request waits for the other shard's answer, this
         # connection's later frames stay unread, so its clients sees events in
         # the order one process would produce them (equivalence invariant).
@@ -220,6 +232,7 @@ class RelayServer:
         self.shard = shard
         self.clustered = shard is not None
         self._epoch_base = incarnation << EPOCH_COUNTER_BITS
+        self._epoch_serial = 0  # a connection gets a new epoch when our keys were dropped
         self.directory: dict[bytes, RemotePeer] = {}  # replica of the routing map, other shards
         self._remote_links: dict[RemotePeer, set[ServerConnection]] = {}
         self.peer_shards: set[ShardId] = set()  # the other live shards (coordinator's view)
@@ -227,7 +240,12 @@ class RelayServer:
         self._clock = 0.0  # the latest `now` seen, for map updates (which carry none)
         self._doomed: dict[RemotePeer, float] = {}
         self._dropped_shards: set[ShardId] = set()  # DROP_SHARD seen, no SET since
+        self._dead: dict[RemotePeer, float] = {}  # replaced / ended -> forget at (in order)
         self._mapped: set[Epoch] = set()  # our connections whose SET we have seen
+        # Our epochs only grow and each REGISTER is queued as its epoch is
+        # given: every epoch up to this one has had its REGISTER taken.
+        self._registered_upto: Epoch = 0
+        self._snapshot_marks: dict[int, Epoch] = {}  # request -> _registered_upto then
         self._wanting: dict[bytes, set[ServerConnection]] = {}  # key -> local holders of a slot
         self._bus: list[tuple[ShardId, tuple]] = []
         self._registry: list[tuple] = []
@@ -324,6 +342,9 @@ class RelayServer:
                 and now >= connection.last_pinged + options.ping_timeout
             ):
                 self.kill(connection, "R-PING-4")
+        dead = self._dead
+        while dead and next(iter(dead.values())) <= now:
+            del dead[next(iter(dead))]
         for remote, deadline in list(self._doomed.items()):
             if now >= deadline:
                 del self._doomed[remote]
@@ -443,7 +464,8 @@ class RelayServer:
         self.pending.discard(connection)
         self._identifier += 1
         connection.identifier = self._identifier  # R-CONF-4
-        connection.epoch = self._epoch_base | self._identifier
+        self._epoch_serial += 1
+        connection.epoch = self._epoch_base | self._epoch_serial
         connection.last_pinged = now
         connection.ping_id = _ZERO_PING_ID
         connection.state = ConnectionState.CONFIRMED
@@ -741,7 +763,22 @@ class RelayServer:
     def take_registry(self) -> list[tuple]:
         """REGISTER / UNREGISTER events for the coordinator since the last call."""
         registry, self._registry = self._registry, []
+        for kind, _, epoch in registry:
+            if kind == Registry.REGISTER and epoch > self._registered_upto:
+                self._registered_upto = epoch
         return registry
+
+    def snapshot_requested(self, request: int, events_delivered: bool = True) -> None:
+        """The adapter sends snapshot request ``request`` now, on the channel
+        of the registry events and behind every one taken so far, so the
+        coordinator has applied those REGISTERs when it answers; pass
+        ``events_delivered=False`` when some may be pending or were lost.
+        ``reset_directory`` with the same ``request`` then knows which of our
+        connections the snapshot reflects (R-CONF-3 after a gap)."""
+        marks = self._snapshot_marks
+        marks[request] = self._registered_upto if events_delivered else 0
+        while len(marks) > MAX_SNAPSHOT_REQUESTS:
+            del marks[next(iter(marks))]
 
     def registrations(self) -> list[tuple[bytes, Epoch]]:
         """Every confirmed key and its epoch (to rebuild a restarted coordinator)."""
@@ -793,6 +830,17 @@ class RelayServer:
                 reply = Link.NOLINK if kind == Link.WANT else Link.UNLINK
                 self._send_link(reply, to_pk, to_epoch, remote)
                 return
+            if remote in self._dead:
+                # Sent before its shard read the update that replaced or ended
+                # it, read after ours did: it must not take the link over from
+                # the key's newer connection (no 03/02 for our client).
+                self.stats["dropped.dead_epoch"] += 1
+                reply = Link.NOLINK if kind == Link.WANT else Link.UNLINK
+                self._send_link(reply, to_pk, to_epoch, remote)
+                connection = self.by_key.get(to_pk)
+                if connection is not None and connection.epoch == to_epoch:
+                    self._answer_arrived(connection, remote, now)
+                return
             self._linked_by_remote(remote, to_pk, to_epoch, answer=kind == Link.WANT, now=now)
         elif kind == Link.REPLY:
             _, to_epoch, plain = message
@@ -819,8 +867,11 @@ class RelayServer:
                     if old is not None and old.epoch == replaced_epoch:
                         self.kill(old, "R-CONF-3")
                 else:
-                    self._doom(RemotePeer(replaced_shard, public_key, replaced_epoch))
+                    replaced = RemotePeer(replaced_shard, public_key, replaced_epoch)
+                    self._note_dead(replaced)
+                    self._doom(replaced)
             self._dropped_shards.discard(shard)  # (dropped while alive, registers again)
+            self._dead.pop(RemotePeer(shard, public_key, epoch), None)  # (the same: alive)
             if shard == self.shard:
                 self.directory.pop(public_key, None)
                 self._mapped.add(epoch)
@@ -837,31 +888,21 @@ class RelayServer:
             if current is not None and current.epoch == epoch:
                 del self.directory[public_key]
             if shard != self.shard:
-                self._doom(RemotePeer(shard, public_key, epoch))
+                ended = RemotePeer(shard, public_key, epoch)
+                self._note_dead(ended)
+                self._doom(ended)
         elif kind == MapUpdate.DROP_SHARD:
-            _, shard = update
+            _, shard, _exited = update  # (exited or silent: the same to the relay table)
             if shard == self.shard:
-                # The coordinator took us for dead (silent too long): the other
-                # shards ended their links to our clients, so ours end too, and
-                # the adapter registers our clients again. Each is UNLINKed and
-                # WANTed again on the bus: a link made after a shard had read
-                # this drop (and the SET of a client we confirmed meanwhile) is
-                # still up there, and a shard that missed this update never
-                # ended its side; a registration that changes nothing makes
-                # no SET to make them WANT.
-                ended = [(c, r) for r, holders in self._remote_links.items() for c in holders]
-                for connection, remote in ended:
-                    self._send_link(Link.UNLINK, connection.public_key, connection.epoch, remote)  # type: ignore[arg-type]
-                for remote in list(self._remote_links):
-                    self._end_remote_links(remote)
-                for connection, remote in ended:
-                    self._send_want(connection, remote)
+                self._renew_after_own_drop()
                 return
             self.peer_shards.discard(shard)
             self._dropped_shards.add(shard)
             for public_key, remote in list(self.directory.items()):
                 if remote.shard == shard:
                     del self.directory[public_key]
+                    # (if that shard lives, it gives its clients new epochs)
+                    self._note_dead(remote)
             for remote in [r for r in self._remote_links if r.shard == shard]:
                 # Said on the bus too (lost if that worker is dead): one dropped
                 # while alive may have linked on a LINKED we sent before this.
@@ -871,8 +912,41 @@ class RelayServer:
             for connection in [c for c in self._waiting if c.waiting_for.shard == shard]:  # type: ignore[union-attr]
                 self._stop_waiting(connection, self._clock)
 
+    def _renew_after_own_drop(self) -> None:
+        """The coordinator took us for dead (silent too long: SIGSTOP, a stalled
+        host) and dropped our keys; the other shards ended their links to our
+        clients. Our side of each link ends too, and is UNLINKed on the bus for
+        a shard that linked again before it read the drop (or never reads it).
+
+        Then every confirmed connection gets a *new epoch* and registers again.
+        Link messages the other shards sent before they read the drop (a LINKED
+        answering crossed WANTs, a WANT re-sent on a SET, an UNLINK of the drop
+        itself) may still be queued for us, behind that drop; they name the old
+        epochs, so they are dropped as stale (``_local``) instead of making
+        links their senders have already ended or ending the new ones (a client
+        saw 03 02 03 02). Each new registration makes a SET that names a new
+        epoch, so every shard with a REQUESTED slot on the key WANTs it again:
+        that relinks, once (R-ROUTE-6)."""
+        ended = [(c, r) for r, holders in self._remote_links.items() for c in holders]
+        for connection, remote in ended:
+            self._send_link(Link.UNLINK, connection.public_key, connection.epoch, remote)  # type: ignore[arg-type]
+        self._mapped.clear()
+        for key, connection in self.by_key.items():
+            self._epoch_serial += 1
+            connection.epoch = self._epoch_base | self._epoch_serial
+            self._registry.append((Registry.REGISTER, key, connection.epoch))
+        for remote in list(self._remote_links):
+            self._end_remote_links(remote)
+        # An answer to a WANT sent before the drop names the old epoch: it
+        # would never arrive, so do not wait for it.
+        for connection in list(self._waiting):
+            self._stop_waiting(connection, self._clock)
+
     def reset_directory(
-        self, entries: list[tuple[bytes, ShardId, Epoch]], merge: bool = False
+        self,
+        entries: list[tuple[bytes, ShardId, Epoch]],
+        merge: bool = False,
+        request: int | None = None,
     ) -> None:
         """Load a snapshot of the routing map.
 
@@ -880,44 +954,71 @@ class RelayServer:
         replica, and links to remote epochs it no longer holds end exactly as
         if their DEL had been received. After a coordinator restart
         (``merge=True``) the snapshot may still be filling up, so it only adds.
+        ``request`` is the one given to ``snapshot_requested`` (None: unknown).
         """
+        upto = self._snapshot_marks.pop(request, 0) if request is not None else 0
         snapshot = {
             key: RemotePeer(shard, key, epoch)
             for key, shard, epoch in entries
             if shard != self.shard
         }
         if not merge:
-            # R-CONF-3: a connection of ours that the map had and now maps to
-            # another connection of its key was replaced; the SET saying so
-            # may be the update we missed. (One the map never showed us may
-            # be newer than the snapshot: its SET comes later.)
+            # The snapshot reflects our connections whose SET we have seen and
+            # those whose REGISTER went before the request. Any other may be
+            # newer than the snapshot: its SET comes later.
+            def reflected(connection: ServerConnection) -> bool:
+                return connection.epoch in self._mapped or connection.epoch <= upto
+
+            # R-CONF-3: a reflected connection of ours that the snapshot maps
+            # to another connection of its key was replaced; the SET saying so
+            # may be the update we missed (or one we skipped, buffered while
+            # waiting for this snapshot, as older than it).
             listed = {key: (shard, epoch) for key, shard, epoch in entries}
             for key, connection in list(self.by_key.items()):
                 entry = listed.get(key)
                 if (
-                    connection.epoch in self._mapped
+                    reflected(connection)
                     and entry is not None
                     and entry != (self.shard, connection.epoch)
                 ):
                     self.kill(connection, "R-CONF-3")
+            # A reflected connection of ours that the snapshot lacks can only
+            # have gone with our DROP_SHARD (a DEL follows our own UNREGISTER):
+            # that is the update we missed; do what it would have made us do.
+            dropped = any(
+                reflected(connection) and key not in listed
+                for key, connection in self.by_key.items()
+            )
             self._mapped.update(e for s, e in listed.values() if s == self.shard)
             self.directory = {}
             live = set(snapshot.values())
             for remote in [r for r in self._remote_links if r not in live]:
                 self._end_remote_links(remote)
-            # Our confirmed keys that the map lacks register again: a no-op if
-            # their REGISTER is still on its way, and what our own DROP_SHARD
-            # would have made the adapter do if that was the update we missed.
-            self._registry.extend(
-                (Registry.REGISTER, key, connection.epoch)
-                for key, connection in self.by_key.items()
-                if key not in listed
-            )
+            if dropped:
+                self._renew_after_own_drop()
+            else:
+                # Our confirmed keys that the map lacks register again: a no-op
+                # if their REGISTER is still on its way, and needed if they were
+                # registered and dropped with us before we saw their SET.
+                self._registry.extend(
+                    (Registry.REGISTER, key, connection.epoch)
+                    for key, connection in self.by_key.items()
+                    if key not in listed
+                )
         for public_key, remote in snapshot.items():
             if self.directory.get(public_key) != remote:
                 self.apply_map_update(
                     (MapUpdate.SET, public_key, remote.shard, remote.epoch, None, None)
                 )
+
+    def _note_dead(self, remote: RemotePeer) -> None:
+        """The map says ``remote`` was replaced or has ended: refuse its link
+        messages for DEAD_EPOCH_MEMORY seconds (see there)."""
+        dead = self._dead
+        dead.pop(remote, None)
+        dead[remote] = self._clock + DEAD_EPOCH_MEMORY
+        if len(dead) > MAX_DEAD_EPOCHS:
+            del dead[next(iter(dead))]
 
     def _doom(self, remote: RemotePeer) -> None:
         """The map says ``remote`` is gone. Its own shard sends UNLINK over the

@@ -24,7 +24,12 @@ Map updates come from the coordinator, in sequence, to every shard:
 
     (SET, pk, shard, epoch, replaced_shard, replaced_epoch)   (replaced_* None if new)
     (DEL, pk, shard, epoch)
-    (DROP_SHARD, shard)                                       every key of a dead shard
+    (DROP_SHARD, shard, exited)                               every key of a dead shard
+
+``exited`` is True when the supervisor saw the worker process end (it never
+comes back: its peers' buses may forget it), False when the coordinator
+dropped a shard that fell silent (it may be alive, e.g. SIGSTOPped, and
+speak again with the same id).
 """
 
 from enum import IntEnum

@@ -74,6 +74,7 @@ class PeerBus:
             path.unlink()
         self.pull.bind(endpoint)
         self._push: dict[int, zmq.Socket] = {}
+        self._gone: set[int] = set()  # exited shards (ids grow; a few ints per restart)
         self._outgoing: dict[int, list] = {}
         self._flush_scheduled = False
         self.stats: Counter[str] = Counter()
@@ -92,7 +93,11 @@ class PeerBus:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
-    def _socket_for(self, destination: int) -> zmq.Socket:
+    def _socket_for(self, destination: int) -> zmq.Socket | None:
+        """The PUSH socket to ``destination``, connected on first use; None
+        for a shard that is gone (``forget``)."""
+        if destination in self._gone:
+            return None
         sock = self._push.get(destination)
         if sock is None:
             sock = self.context.socket(zmq.PUSH)
@@ -108,6 +113,9 @@ class PeerBus:
         outgoing, self._outgoing = self._outgoing, {}
         for destination, messages in outgoing.items():
             sock = self._socket_for(destination)
+            if sock is None:
+                self.stats["messages_to_gone_shard"] += len(messages)  # its process exited
+                continue
             for batch in _split(messages):
                 try:
                     sock.send(msgpack.packb([self.shard, batch], use_bin_type=True), zmq.NOBLOCK)
@@ -120,7 +128,11 @@ class PeerBus:
                     self.stats["drop_events"] += 1
 
     def forget(self, shard: int) -> None:
-        """A shard is gone: stop queueing for it."""
+        """A shard's process is gone (the supervisor saw it exit; shard ids are
+        never reused): close its socket, and drop and count what is still
+        sent to it rather than connect again to an endpoint nobody will
+        serve. Not for a shard dropped for silence: it may come back."""
+        self._gone.add(shard)
         sock = self._push.pop(shard, None)
         if sock is not None:
             sock.close()

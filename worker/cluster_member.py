@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from coordinator.client import CoordinatorClient, ReplicaHandler
-from relaycore.shardlink import MapUpdate, Registry
+from relaycore.shardlink import MapUpdate
 from worker.bus import PeerBus
 from worker.reporting import StatsReporter
 from worker.shard import Shard
@@ -58,15 +58,17 @@ class ClusterMember(ReplicaHandler):
     def apply_map_update(self, update: tuple) -> None:
         self.server.apply_map_update(update)
         if update[0] == MapUpdate.DROP_SHARD:
-            if update[1] == self.server.shard:
-                self.coordinator.send_events(
-                    [(Registry.REGISTER, key, epoch) for key, epoch in self.server.registrations()]
-                )
-            else:
-                self.bus.forget(update[1])
+            _, shard, exited = update
+            # Only a shard whose process is gone is forgotten: one dropped for
+            # silence may be alive (SIGSTOP) and speak again with the same id.
+            if exited and shard != self.server.shard:
+                self.bus.forget(shard)
 
-    def reset_directory(self, entries: list, merge: bool) -> None:
-        self.server.reset_directory(entries, merge=merge)
+    def reset_directory(self, entries: list, merge: bool, request: int | None) -> None:
+        self.server.reset_directory(entries, merge=merge, request=request)
+
+    def snapshot_requested(self, request: int, events_delivered: bool) -> None:
+        self.server.snapshot_requested(request, events_delivered)
 
     def registrations(self) -> list[tuple[bytes, int]]:
         return self.server.registrations()

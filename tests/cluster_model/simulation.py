@@ -18,7 +18,7 @@ with FIFO channels:
 
 Faults: ``crash`` (a worker dies; DROP_SHARD; a new worker with a new id),
 ``stall`` (the coordinator drops a live worker; it sees its own DROP_SHARD,
-registers its clients again as worker/cluster_member.py does) and
+gives its clients new epochs and registers them again) and
 ``lose_update`` (one map update to one worker is lost).
 
 Nothing moves by itself: ``deliver_one(choice)`` delivers the head of one
@@ -390,22 +390,17 @@ class SimulatedCluster(_Driver):
         self.directory = Directory()
         self.servers: dict[int, RelayServer] = {}  # live shards by id
         self.positions: list[int] = []
-        # REGISTER / UNREGISTER events, and ("SNAPSHOT",) requests, in order
+        # REGISTER / UNREGISTER events, and ("SNAPSHOT", request) requests, in order
         self.registry: dict[int, deque[tuple]] = {}
         # (sequence, update), or (None, (live shard ids, sequence)): a heartbeat
         self.updates: dict[int, deque[tuple[int | None, object]]] = {}
-        self.snapshots: dict[int, deque[tuple[int, list]]] = {}  # replies to requests
+        self.snapshots: dict[int, deque[tuple[int, list, int]]] = {}  # replies to requests
         self.applied: dict[int, int] = {}  # last sequence applied, per shard
         self.syncing: dict[int, list[tuple[int, tuple]]] = {}  # shard -> buffered updates
         self.announced: set[int] = set()  # live shards, as the heartbeat lists them
         self.lost_updates = 0
         self.resyncs = 0
-        # Known gap (test_regressions.py): after a resync the core cannot tell
-        # a connection of its own that the coordinator registered and then
-        # replaced, if it never saw that connection's SET, from one newer
-        # than the snapshot. With this set the model does that kill itself.
-        self.resync_kills = False
-        self._registered: set[tuple[int, int]] = set()  # (shard, epoch) the coordinator saw
+        self.snapshot_requests = 0
         self.bus: dict[tuple[int, int], deque[tuple]] = {}
         self.deliveries = 0
         self.delivered: Counter[str] = Counter()  # per message kind (coverage)
@@ -471,10 +466,8 @@ class SimulatedCluster(_Driver):
         if kind == "registry":
             assert isinstance(address, int)
             if message[0] == "SNAPSHOT":
-                self.snapshots[address].append(self.directory.snapshot())
+                self.snapshots[address].append((*self.directory.snapshot(), message[1]))
                 return True
-            if message[0] == Registry.REGISTER:
-                self._registered.add((address, message[2]))
             if address not in self.announced:  # a dropped shard speaks again
                 self.announced.add(address)
                 self._announce_shards()
@@ -496,10 +489,8 @@ class SimulatedCluster(_Driver):
         elif kind == "snapshot":
             assert isinstance(address, int)
             server = self.servers[address]
-            sequence, entries = message
-            if self.resync_kills:
-                self._kill_replaced(address, entries)
-            server.reset_directory(entries)  # the Clone pattern: replaces the replica
+            sequence, entries, request = message
+            server.reset_directory(entries, request=request)  # Clone: replaces the replica
             self.applied[address] = sequence
             self._apply_updates(address, self.syncing.pop(address, []))
             self._pump(server)
@@ -509,21 +500,6 @@ class SimulatedCluster(_Driver):
             server.receive_link(source, message, self.now)
             self._pump(server)
         return True
-
-    def _kill_replaced(self, shard: int, entries: list) -> None:
-        """What the core cannot do alone after a resync: kill each connection
-        of ours that the coordinator had registered (so the snapshot reflects
-        it) and that the snapshot maps to another connection of its key."""
-        server = self.servers[shard]
-        mapped = {key: (s, e) for key, s, e in entries}
-        for key, connection in list(server.by_key.items()):
-            now = mapped.get(key)
-            if (shard, connection.epoch) in self._registered and now not in (
-                None,
-                (shard, connection.epoch),
-            ):
-                server.kill(connection, "R-CONF-3")
-        self._pump(server)
 
     def _apply_updates(self, shard: int, updates: list[tuple[int, tuple]]) -> None:
         """coordinator/client.py ``_apply``: in sequence; a gap resyncs."""
@@ -535,12 +511,7 @@ class SimulatedCluster(_Driver):
                 self._resync(shard, updates[index:])
                 return
             self.applied[shard] = sequence
-            server.apply_map_update(update)
-            if update[0] == MapUpdate.DROP_SHARD and update[1] == shard:
-                # worker/cluster_member.py: registers its clients again
-                self.registry[shard].extend(
-                    (Registry.REGISTER, key, epoch) for key, epoch in server.registrations()
-                )
+            server.apply_map_update(update)  # (own DROP_SHARD: new epochs, REGISTERs)
 
     def _resync(self, shard: int, buffered: list[tuple[int, tuple]] = ()) -> None:  # type: ignore[assignment]
         """Ask for a snapshot (on the events' channel, so after our events) and
@@ -550,7 +521,9 @@ class SimulatedCluster(_Driver):
             return
         self.resyncs += 1
         self.syncing[shard] = list(buffered)
-        self.registry[shard].append(("SNAPSHOT",))
+        self.snapshot_requests += 1  # (numbered as coordinator/client.py does)
+        self.servers[shard].snapshot_requested(self.snapshot_requests)
+        self.registry[shard].append(("SNAPSHOT", self.snapshot_requests))
 
     def quiesce(self, chooser: Chooser = lambda options: 0) -> int:
         """Deliver, in the order ``chooser`` picks, until nothing is in flight;
@@ -597,7 +570,7 @@ class SimulatedCluster(_Driver):
         ):
             return  # coordinator/service.py ``_drop``: not seen since its last drop
         self.announced.discard(dead)
-        self._publish(self.directory.drop_shard(dead))
+        self._publish(self.directory.drop_shard(dead, exited=False))
         self._announce_shards()
 
     def lose_update(self, shard: int) -> bool:
@@ -636,7 +609,7 @@ class SimulatedCluster(_Driver):
         self.announced.discard(dead)
         for pair in [pair for pair in self.bus if pair[1] == dead]:
             del self.bus[pair]
-        self._publish(self.directory.drop_shard(dead))
+        self._publish(self.directory.drop_shard(dead, exited=True))
         self.positions[shard] = self._start_shard(self._next_shard)
         self._announce_shards()
         self._pump(self.servers[self.positions[shard]])

@@ -44,14 +44,8 @@ class ConcurrentClusterModel(ClusterModel):
 
     settled = False
 
-    #: Emulate the kill after a resync that the core cannot make alone
-    #: (``SimulatedCluster.resync_kills``; test_regressions.py keeps the case
-    #: without it as an expected failure), so ``lose_update`` looks further.
-    resync_kills = True
-
     def _new_worlds(self, n_shards: int) -> None:
         self.cluster = SimulatedCluster(n_shards)
-        self.cluster.resync_kills = self.resync_kills
         self.reference = self.cluster  # type: ignore[assignment]  # rules pick from its clients
 
     def _run(self, action, schedule: int, *, unordered: bool = False) -> None:

@@ -8,8 +8,6 @@ an expected failure, why the bug is left open."""
 
 from __future__ import annotations
 
-import pytest
-
 from relaycore.packets import DisconnectNotification, RoutingRequest
 from tests.cluster_model.simulation import PUBLIC_KEYS, SimulatedCluster, link_problems
 from tests.cluster_model.test_concurrent import ConcurrentClusterModel
@@ -101,7 +99,10 @@ def test_linked_for_a_connection_that_ended_is_answered_with_unlink() -> None:
     there, so bob stayed linked to a connection that no longer exists, for
     good. Fixed in ``RelayServer._linked_by_remote``: a LINKED for a local end
     that is gone is answered with UNLINK (bob: 03), as one for a slot given up
-    already was."""
+    already was. Since bob's shard remembers the epochs the map ended
+    (``RelayServer._dead``), the late WANT itself is refused (NOLINK): bob is
+    never linked to the dead epoch and hears nothing (the UNLINK answer still
+    covers a DEL that comes after the WANT)."""
     state = replay(
         2,
         [(ALICE, 0), (ALICE, 0)],
@@ -115,7 +116,7 @@ def test_linked_for_a_connection_that_ended_is_answered_with_unlink() -> None:
     )
     assert state.cluster is not None
     bob = state.cluster.clients[3]
-    assert [e for _, e in bob.events][-2:] == [("connect", 16), ("disconnect", 16)]
+    assert [e for _, e in bob.events if e[0] in ("connect", "disconnect")] == []
 
 
 def test_want_from_a_crashed_shard_read_after_its_drop_makes_no_link() -> None:
@@ -260,9 +261,8 @@ def test_connection_replaced_by_a_lost_set_is_killed_after_the_resync() -> None:
     never killed and stayed confirmed beside bob@2 with its links (one
     server: last confirmed wins). Fixed in ``RelayServer.reset_directory``:
     after a gap, a local connection whose SET the shard has seen and that the
-    snapshot maps to another connection of its key is killed (R-CONF-3). One
-    whose SET it never saw may be newer than the snapshot and is left alone
-    (``test_replaced_connection_whose_set_was_never_seen_stays_alive``)."""
+    snapshot maps to another connection of its key is killed (R-CONF-3). (One
+    whose SET it never saw: ``test_replaced_connection_whose_set_was_never_seen_is_killed``.)"""
     replay(
         2,
         [(ALICE, 0), (BOB, 0)],
@@ -270,29 +270,26 @@ def test_connection_replaced_by_a_lost_set_is_killed_after_the_resync() -> None:
         ("reconnect_elsewhere", {"offset": 1, "pick": 0, "schedule": 1}),
         ("lose_update", {"schedule": 0, "shard": 0}),
         ("settle", {"schedule": 0}),
-        model=_WithoutResyncKills,
+        model=ConcurrentClusterModel,
         pairs=[(0, 0)],
     )
 
 
-class _WithoutResyncKills(ConcurrentClusterModel):
-    resync_kills = False
-
-
-@pytest.mark.xfail(strict=True, reason="known, not fixed: needs the adapter (see docstring)")
-def test_replaced_connection_whose_set_was_never_seen_stays_alive() -> None:
-    """Concurrent model (``lose_update``) without the model's emulated kill:
-    R-CONF-3 across shards, the map. KNOWN BUG, NOT FIXED.
+def test_replaced_connection_whose_set_was_never_seen_is_killed() -> None:
+    """Concurrent model (``lose_update``): R-CONF-3 across shards, the map.
 
     alice connects on shard 1 and then on shard 2; shard 2 loses an update
     and, while it waits for its snapshot, buffers and then skips (as older
     than the snapshot) the SET of its own alice, and the SET that replaced
-    her by the later alice@1. The snapshot maps alice to shard 1; shard 2 has
-    never seen its alice mapped, so ``reset_directory`` cannot tell her from
-    a connection newer than the snapshot (whose SET is still to come): she
-    stays confirmed beside alice@1. A fix needs the adapter to say which
-    registrations it had sent before it asked for the snapshot (they are in
-    it: same DEALER, in order), or the snapshot to carry replaced epochs."""
+    her by the later alice@1. The snapshot maps alice to shard 1; shard 2 had
+    never seen its alice mapped, so ``reset_directory`` could not tell her
+    from a connection newer than the snapshot (whose SET is still to come):
+    she stayed confirmed beside alice@1 (the model used to make that kill
+    itself). Fixed: the adapter numbers its snapshot requests and tells the
+    core when it sends one (``RelayServer.snapshot_requested``), behind every
+    REGISTER it took (one DEALER, in order); our epochs only grow, so every
+    connection with an epoch up to the last REGISTER taken then is in the
+    snapshot, and one the snapshot maps elsewhere was replaced: killed."""
     replay(
         4,
         [(ALICE, 0), (ALICE, 0)],
@@ -300,7 +297,7 @@ def test_replaced_connection_whose_set_was_never_seen_stays_alive() -> None:
         ("lose_update", {"schedule": 2, "shard": 1}),
         ("reconnect_elsewhere", {"offset": 1, "pick": 0, "schedule": 0}),
         ("settle", {"schedule": 0}),
-        model=_WithoutResyncKills,
+        model=ConcurrentClusterModel,
         pairs=[(0, 0)],
     )
 
@@ -318,33 +315,36 @@ def test_links_ended_by_a_drop_are_unlinked_on_the_bus_too() -> None:
     """Invariant 2 with a shard dropped while alive (found by the concurrent
     model with ``stall``; replayed here with explicit deliveries).
 
-    alice@1 and bob@2 are linked; shard 2 stalls and is dropped. It reads its
-    own DROP_SHARD first (bob: 03) and WANTs bob's link again; shard 1 has not
-    read the DROP_SHARD yet and links alice to bob again (LINKED; both 02).
-    Then shard 1 reads the DROP_SHARD and ended alice's link without a word
-    (alice: 03); alice gave the id up: bob stayed linked to nobody, for good.
+    dave@1 holds a request for bob@2. Shard 2 stalls and is dropped; it reads
+    its own DROP_SHARD first (bob gets a new epoch), and bob's request for
+    dave reaches shard 1 before shard 1 reads the DROP_SHARD: both link (02).
+    Then shard 1 reads the DROP_SHARD and ended dave's link without a word
+    (dave: 03); dave gave the id up: bob stayed linked to nobody, for good.
     Fixed in ``RelayServer.apply_map_update`` (DROP_SHARD of another shard):
-    each link it ends is also UNLINKed on the bus, after that LINKED (bob: 03)."""
+    each link it ends is also UNLINKed on the bus, after that LINKED (bob: 03).
+
+    (Before own drops renewed epochs the shard's own WANT after its drop made
+    the link; a link to the new epoch made before the other shard reads the
+    drop still needs the UNLINK.)"""
     cluster = SimulatedCluster(2)
-    alice, bob = cluster.connect("alice", 0), cluster.connect("bob", 1)
+    dave, bob = cluster.connect("dave", 0), cluster.connect("bob", 1)
     cluster.quiesce()
-    cluster.send(alice.index, RoutingRequest(PUBLIC_KEYS["bob"]))
-    cluster.quiesce()
-    cluster.send(bob.index, RoutingRequest(PUBLIC_KEYS["alice"]))
-    cluster.quiesce()
+    cluster.send(dave.index, RoutingRequest(PUBLIC_KEYS["bob"]))
+    cluster.quiesce()  # bob has no slot for dave: NOLINK
     cluster.stall(1)
-    _deliver(cluster, "update", 2)  # shard 2 reads its own DROP_SHARD: UNLINK, WANT
-    _deliver(cluster, "bus", (2, 1))  # UNLINK: alice 03
-    _deliver(cluster, "bus", (2, 1))  # WANT: alice links again, LINKED
-    _deliver(cluster, "bus", (1, 2))  # bob links again
-    _deliver(cluster, "update", 1)  # shard 1 reads the DROP_SHARD: alice 03
-    cluster.send(alice.index, DisconnectNotification(16))
+    _deliver(cluster, "update", 2)  # shard 2 reads its own DROP_SHARD: bob's new epoch
+    cluster.send(bob.index, RoutingRequest(PUBLIC_KEYS["dave"]))  # WANT (new epoch)
+    _deliver(cluster, "bus", (2, 1))  # WANT: dave links, LINKED
+    _deliver(cluster, "bus", (1, 2))  # bob links
+    assert [e for _, e in bob.events][-1] == ("connect", 16)
+    _deliver(cluster, "update", 1)  # shard 1 reads the DROP_SHARD: dave 03
+    cluster.send(dave.index, DisconnectNotification(16))
     cluster.quiesce()
     cluster.tick(cluster.now + 3.0)
     cluster.quiesce()
     assert link_problems(cluster) == []
     assert [e for _, e in bob.events][-2:] == [("connect", 16), ("disconnect", 16)]
-    assert not bob.violations and not alice.violations
+    assert not bob.violations and not dave.violations
 
 
 def test_link_made_before_a_shard_reads_its_own_drop_is_unlinked_and_renewed() -> None:
@@ -409,6 +409,120 @@ def test_link_taken_over_by_a_doomed_connection_is_wanted_again() -> None:
         ("oob", {"peer": ALICE, "pick": 0, "schedule": 0}),
         ("pair", {"first": 0, "other": 0, "pick": 0, "second": 0}),
         ("pair", {"first": 0, "other": 0, "pick": 0, "second": 0}),
+        ("settle", {"schedule": 0}),
+        model=ConcurrentClusterModel,
+        pairs=[(0, 0)],
+    )
+
+
+def test_link_messages_sent_before_a_drop_do_not_relink_the_dropped_shard() -> None:
+    """A shard dropped while alive, and link messages its peers sent before
+    they read the drop (tests/cluster_process/test_faults.py
+    ``..._past_the_silence_limit_comes_back_symmetric``, about 1 run in 4).
+
+    alice@1 holds a request for bob@2; bob requests alice: shard 1 links alice
+    and answers LINKED, but shard 2 stalls before it reads that answer and is
+    dropped. Shard 1 reads the DROP_SHARD (alice: 03, UNLINK behind the
+    LINKED). Shard 2 reads its own DROP_SHARD, then the stale LINKED: bob
+    linked (02), the UNLINK ended it (03), and the SET of bob's registering
+    again linked the pair (02): 02 03 02 where one server gives 02. Fixed in
+    ``RelayServer._renew_after_own_drop``: a dropped shard's connections get
+    new epochs, so what was sent to the old ones is dropped as stale; the
+    SETs of the new epochs relink once."""
+    cluster = SimulatedCluster(2)
+    alice, bob = cluster.connect("alice", 0), cluster.connect("bob", 1)
+    cluster.quiesce()
+    cluster.send(alice.index, RoutingRequest(PUBLIC_KEYS["bob"]))
+    cluster.quiesce()  # bob has no slot for alice: NOLINK
+    cluster.send(bob.index, RoutingRequest(PUBLIC_KEYS["alice"]))
+    _deliver(cluster, "bus", (2, 1))  # WANT: alice links (02), LINKED on its way
+    cluster.stall(1)
+    _deliver(cluster, "update", 1)  # shard 1 reads DROP_SHARD(2): alice 03, UNLINK
+    _deliver(cluster, "update", 2)  # shard 2 reads its own DROP_SHARD
+    _deliver(cluster, "bus", (1, 2))  # the LINKED sent before the drop
+    _deliver(cluster, "bus", (1, 2))  # the UNLINK of the drop
+    cluster.quiesce()
+    cluster.tick(cluster.now + 3.0)
+    cluster.quiesce()
+    assert link_problems(cluster) == []
+    assert [e for _, e in bob.events if e[0] in ("connect", "disconnect")] == [("connect", 16)]
+    assert [e for _, e in alice.events if e[0] in ("connect", "disconnect")] == [
+        ("connect", 16),
+        ("disconnect", 16),
+        ("connect", 16),
+    ]
+    assert not bob.violations and not alice.violations
+
+
+def _quiesce_without(cluster: SimulatedCluster, shard: int) -> None:
+    """Deliver everything that does not go to ``shard`` (it is stopped)."""
+    while True:
+        for index, (kind, address, _) in enumerate(cluster.pending()):
+            to = address[1] if kind == "bus" else address
+            if to != shard and not (kind == "registry" and address == shard):
+                cluster.deliver_one(index)
+                break
+        else:
+            return
+
+
+def test_late_want_from_a_replaced_connection_does_not_break_the_new_link() -> None:
+    """R-CONF-3 across shards; invariant 1 (no 03/02 on one server).
+    tests/cluster_process/test_cross_shard.py has the same with real processes.
+
+    alice@1 holds a request for bob while bob is offline; shard 1 lags while
+    bob connects on shard 2 and alice again on shard 3 (her SET names alice@1
+    as replaced) and the new alice links with bob. Shard 1 then reads bob's
+    SET, which re-sends alice@1's WANT, before the SET that replaces her.
+    Bob's shard took any other epoch of the key for a newer one: it ended the
+    link to the new alice (03), linked the dead one (02), was UNLINKed back
+    (03) and WANTed the new one again (02). Fixed in ``RelayServer``: an epoch
+    the map said was replaced or ended is remembered (``_dead``) and its WANT
+    or LINKED is refused without touching the link."""
+    cluster = SimulatedCluster(3)
+    alice = cluster.connect("alice", 0)
+    cluster.quiesce()
+    cluster.send(alice.index, RoutingRequest(PUBLIC_KEYS["bob"]))
+    cluster.quiesce()
+    bob = cluster.connect("bob", 1)
+    _deliver(cluster, "registry", 2)  # SET(bob)
+    new_alice = cluster.connect("alice", 2)
+    _quiesce_without(cluster, 1)  # SET(alice@3, replaced alice@1), except on shard 1
+    cluster.send(new_alice.index, RoutingRequest(PUBLIC_KEYS["bob"]))
+    cluster.send(bob.index, RoutingRequest(PUBLIC_KEYS["alice"]))
+    _quiesce_without(cluster, 1)
+    assert [e for _, e in bob.events][-1] == ("connect", 16)
+    while not cluster.bus.get((1, 2)):
+        _deliver(cluster, "update", 1)  # SET(bob): alice@1's WANT
+    _deliver(cluster, "bus", (1, 2))  # ... read by bob's shard first
+    cluster.quiesce()
+    cluster.tick(cluster.now + 3.0)
+    cluster.quiesce()
+    assert link_problems(cluster) == []
+    assert alice.close_reason == "R-CONF-3"
+    assert [e for _, e in bob.events if e[0] in ("connect", "disconnect")] == [("connect", 16)]
+    assert [e for _, e in new_alice.events if e[0] in ("connect", "disconnect")] == [
+        ("connect", 16)
+    ]
+
+
+def test_shard_that_missed_its_own_drop_renews_its_epochs_after_the_resync() -> None:
+    """Concurrent model (``stall``, then ``lose_update``), invariant 2.
+
+    alice@1 and bob@2 are linked; shard 1 is dropped while alive and loses
+    that very DROP_SHARD. Its resync finds alice missing from the snapshot and
+    registered her again under the same epoch, which shard 2 had noted as
+    ended with the drop (``RelayServer._dead``): the LINKED answering shard
+    2's WANT was refused, both slots REQUESTED for good. Fixed in
+    ``RelayServer.reset_directory``: a connection the map had and the
+    snapshot lacks went with our own DROP_SHARD, so the resync does what that
+    update does (``_renew_after_own_drop``: new epochs); and a SET naming an
+    epoch takes it off the dead list."""
+    replay(
+        2,
+        [(ALICE, 0), (BOB, 1), (CAROL, 0)],
+        ("stall", {"schedule": 15, "shard": 0}),
+        ("lose_update", {"schedule": 0, "shard": 0}),
         ("settle", {"schedule": 0}),
         model=ConcurrentClusterModel,
         pairs=[(0, 0)],

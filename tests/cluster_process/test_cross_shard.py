@@ -170,15 +170,6 @@ def test_reconnect_on_a_third_shard_requesting_at_once_relinks(
     run(body())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: a WANT from a replaced connection's epoch, sent by a shard "
-    "that had not yet applied the map update replacing it, ends the link between "
-    "the key's new connection and its peer (RelayServer._linked_by_remote treats any "
-    "other epoch of the key as an older one and supersedes, although the receiving "
-    "shard's replica already says that epoch was replaced); the peer sees extra "
-    "disconnect/connect notifications (03/02 flicker) before the link settles",
-)
 def test_a_late_want_from_a_replaced_connection_does_not_break_the_new_link(
     make_cluster: Callable[..., Cluster],
 ) -> None:

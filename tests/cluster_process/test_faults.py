@@ -14,8 +14,6 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from relaycore.packets import ConnectNotification, DisconnectNotification, RoutedData
 from tests.cluster_process.support import (
     COORDINATOR_RE,
@@ -317,13 +315,6 @@ def test_a_stopped_peer_shard_does_not_block_the_sender(
     run(body())
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, intermittent (about 1 run in 4 here): after a shard dropped while "
-    "alive resumes, a client can get an extra disconnect/connect pair (03, 02, 03, 02) "
-    "before the link settles; the own-DROP_SHARD UNLINK+WANT and the re-registration's "
-    "SET both re-link. Not strict because it passes most runs; see the issue 3 note.",
-)
 def test_a_shard_stopped_past_the_silence_limit_comes_back_symmetric(
     make_cluster: Callable[..., Cluster],
 ) -> None:
