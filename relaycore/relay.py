@@ -931,9 +931,13 @@ class RelayServer:
         for connection, remote in ended:
             self._send_link(Link.UNLINK, connection.public_key, connection.epoch, remote)  # type: ignore[arg-type]
         self._mapped.clear()
+        # Onion answers to the old epochs' requests are lost with them (rare:
+        # clients send new requests within seconds).
+        self.by_epoch.clear()
         for key, connection in self.by_key.items():
             self._epoch_serial += 1
             connection.epoch = self._epoch_base | self._epoch_serial
+            self.by_epoch[connection.epoch] = connection
             self._registry.append((Registry.REGISTER, key, connection.epoch))
         for remote in list(self._remote_links):
             self._end_remote_links(remote)

@@ -408,7 +408,7 @@ def test_reply_for_a_shard_that_is_gone_is_dropped() -> None:
     asking = RelayServer(bytes(range(32)), shard=7, incarnation=7, onion_secrets=SECRETS)
     block = seal_return_block(asking._current_return_keys(5.0)[0], bytes(24), ReturnPath(7, 99))
     other = _shard(2)
-    other.apply_map_update((MapUpdate.DROP_SHARD, 7))  # shard 7 died
+    other.apply_map_update((MapUpdate.DROP_SHARD, 7, True))  # shard 7 exited
     other.receive_datagram(b"\x8e" + block + b"\x84x", 5.0)
     assert other.take_bus() == []
     assert other.stats["dropped.reply_stale"] == 1
@@ -452,3 +452,17 @@ def test_any_request_is_sent_dropped_or_kills_by_the_spec(body: bytes, kind: int
         for datagram in datagrams:
             assert is_sendable(datagram.host, datagram.port)
             assert len(datagram.data) <= (1400 if kind == 8 else 2048)
+
+
+def test_answers_follow_a_connection_whose_epoch_was_renewed() -> None:
+    """After its own DROP_SHARD (dropped while alive) a shard renews its
+    connections' epochs; return paths made afterwards still reach them."""
+    net = Network(onion_secrets=SECRETS, now=100.0, shard=1)
+    a = net.connect("a")
+    old_epoch = a.connection.epoch
+    net.server.apply_map_update((MapUpdate.DROP_SHARD, 1, False))
+    assert a.connection.epoch != old_epoch
+    net.send_plain("a", onion_plain(300))
+    [datagram] = net.server.take_datagrams()
+    net.receive_datagram(reply_to(datagram, b"\x84renewed"))
+    assert a.take() == [OnionResponse(b"\x84renewed")]
