@@ -34,6 +34,9 @@ PLAIN_COUNTERS = {
     "relayed_bytes": ("relayed_bytes", "Plaintext bytes of relayed packets."),
     "links": ("links", "Links formed between two clients' slots."),
     "bus.messages_dropped": ("bus_dropped_messages", "Cross-shard messages dropped: queue full."),
+    "bus.messages_to_gone_shard": (
+        "bus_messages_to_exited_workers", "Bus messages to exited workers, dropped."
+    ),
     "map.resyncs": ("map_resyncs", "Routing map snapshots fetched by workers."),
     "oob_broadcast": ("oob_broadcasts", "OOB packets offered to every shard (key not yet known)."),
 }  # fmt: skip

@@ -69,6 +69,34 @@ def test_collector_exposes_labelled_counters() -> None:
     assert "toxrelay_workers 1.0" in text
 
 
+def test_collector_exposes_onion_and_bus_counters() -> None:
+    stats = ClusterStats()
+    stats.slot_of_shard[1] = 0
+    sample = report(1)
+    sample["counters"].update(
+        {
+            "onion.requests_sent": 4,
+            "onion.replies_to_other_shards": 2,
+            "forward.replies_delivered": 1,
+            "udp.ignored": 6,
+            "dropped.onion_rate_client": 5,
+            "bus.messages_to_gone_shard": 9,
+        }
+    )
+    stats.record(1, 100, sample, now=1.0)
+    registry = CollectorRegistry()
+    registry.register(ClusterCollector(stats))
+    text = generate_latest(registry).decode()
+    assert 'toxrelay_onion_packets_total{event="requests_sent"} 4.0' in text
+    assert 'toxrelay_onion_packets_total{event="replies_to_other_shards"} 2.0' in text
+    assert 'toxrelay_forward_packets_total{event="replies_delivered"} 1.0' in text
+    assert 'toxrelay_udp_datagrams_total{event="ignored"} 6.0' in text
+    assert 'toxrelay_dropped_packets_total{reason="onion_rate_client"} 5.0' in text
+    assert "toxrelay_bus_messages_to_exited_workers_total 9.0" in text
+    totals = stats.status()["totals"]
+    assert totals["onion_requests"] == 4 and totals["onion_replies_crossed_shards"] == 2
+
+
 def metric(text: str, name: str) -> float:
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     assert match, f"{name} not in the metrics"
