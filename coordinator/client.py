@@ -25,6 +25,9 @@ log = logging.getLogger("coordinator.client")
 HEARTBEAT_INTERVAL = 1.0
 MAX_BUFFERED_UPDATES = 200_000
 MAX_PENDING_EVENTS = 1_000_000
+# A snapshot request not answered within this (it could not be sent, or the
+# answer was lost) is made again: a worker must never stay in "syncing".
+SNAPSHOT_RETRY = 3.0  # seconds
 
 
 class ReplicaHandler:
@@ -68,6 +71,7 @@ class CoordinatorClient:
         self._pending_events: list[list] = []
         self.resyncs = 0
         self._snapshot_requests = 0  # the number of the last snapshot request
+        self._snapshot_asked_at = 0.0
         self.events_dropped = 0
         self._timer: asyncio.TimerHandle | None = None
         for sock in (self.dealer, self.subscriber):
@@ -105,6 +109,9 @@ class CoordinatorClient:
     def _heartbeat(self) -> None:
         self._send(["heartbeat", self.shard])
         self.send_events([])
+        if self.syncing and self.loop.time() - self._snapshot_asked_at > SNAPSHOT_RETRY:
+            log.warning("no snapshot %d yet: asking again", self._snapshot_requests)
+            self._request_snapshot(merge=False)
         self._timer = self.loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
 
     def _request_snapshot(self, merge: bool) -> None:
@@ -119,6 +126,7 @@ class CoordinatorClient:
         self._snapshot_requests += 1
         delivered = not self._pending_events and not self.events_dropped
         self.handler.snapshot_requested(self._snapshot_requests, delivered)
+        self._snapshot_asked_at = self.loop.time()
         self._send(["snapshot", self._snapshot_requests])
 
     # -- receiving -------------------------------------------------------------
