@@ -48,7 +48,10 @@ from tests.interop.toxcore import (
 )
 from tests.support.bootstrapd import DhtNode
 
-FRIEND_CONNECT_TIMEOUT_S = 60.0
+#: Both clients announced through the onion (self status TCP); fails fast when the
+#: relay does not carry onion packets (about 3-6 s with tox-bootstrapd as the relay).
+SELF_CONNECT_TIMEOUT_S = 25.0
+FRIEND_CONNECT_TIMEOUT_S = 45.0
 MESSAGE_TIMEOUT_S = 10.0
 FILE_TIMEOUT_S = 30.0
 #: Longest sleep between two rounds of ``tox_iterate`` while nothing is readable.
@@ -70,6 +73,7 @@ class ScenarioConfig:
     messages_each_way: int = 5
     rtt_rounds: int = 20
     file_size: int = 512 * 1024
+    self_connect_timeout_s: float = SELF_CONNECT_TIMEOUT_S
     friend_connect_timeout_s: float = FRIEND_CONNECT_TIMEOUT_S
     message_timeout_s: float = MESSAGE_TIMEOUT_S
     file_timeout_s: float = FILE_TIMEOUT_S
@@ -91,6 +95,7 @@ class SocketReport:
 class FriendsResult:
     """What one run measured (seconds unless said otherwise)."""
 
+    self_connected_s: float  # clients created -> both report TOX_CONNECTION_TCP for themselves
     friend_request_s: float  # clients created -> B got A's friend request
     friend_connected_s: float  # clients created -> both see the friend as connected
     connection_a: str  # "TCP" or "UDP" as A's callback reported it
@@ -137,6 +142,7 @@ class _Peer:
         self.client.add_tcp_relay(relay.host, relay.port, relay.public_key)
         for node in dht_nodes:
             self.client.bootstrap(node.host, node.port, node.public_key)
+        self.self_connected_at: float | None = None
         self.friend: int | None = None
         self.friend_status = TOX_CONNECTION_NONE
         self.friend_status_at: float | None = None
@@ -148,11 +154,16 @@ class _Peer:
         self.incoming_done_at: float | None = None
         self.outgoing_file: bytes = b""
         self.chunk_requests: deque[tuple[int, int, int]] = deque()
+        self.client.on_self_connection_status = self._self_status
         self.client.on_friend_connection_status = self._friend_status
         self.client.on_friend_message = self._message
         self.client.on_file_chunk_request = self._chunk_request
         self.client.on_file_recv = self._file_recv
         self.client.on_file_recv_chunk = self._file_chunk
+
+    def _self_status(self, status: int) -> None:
+        if status != TOX_CONNECTION_NONE and self.self_connected_at is None:
+            self.self_connected_at = time.monotonic()
 
     def _friend_status(self, friend: int, status: int) -> None:
         if friend == self.friend:
@@ -262,7 +273,16 @@ def run_friends_scenario(
         a.friend = a.client.friend_add(b.client.address, request_text)
 
         driver.run_until(
-            lambda: bool(b.requests), config.friend_connect_timeout_s, "B to get A's request"
+            lambda: a.self_connected_at is not None and b.self_connected_at is not None,
+            config.self_connect_timeout_s,
+            "both clients to be online through the onion (self connection status TCP)",
+        )
+        assert a.self_connected_at is not None and b.self_connected_at is not None
+        self_connected_at = max(a.self_connected_at, b.self_connected_at)
+        driver.run_until(
+            lambda: bool(b.requests),
+            config.friend_connect_timeout_s - (time.monotonic() - started),
+            "B to get A's friend request",
         )
         public_key, message, request_at = b.requests[0]
         if public_key != a.client.public_key or message != request_text:
@@ -281,6 +301,7 @@ def run_friends_scenario(
         sockets = _socket_reports()
         new_udp = len(_own_udp_inodes() - udp_before)
         result = FriendsResult(
+            self_connected_s=self_connected_at - started,
             friend_request_s=request_at - started,
             friend_connected_s=connected_at - started,
             connection_a=CONNECTION_NAMES[a.friend_status],
