@@ -19,43 +19,23 @@ Every wait is bounded (ScenarioConfig); a run takes ~10-15 s against tox-bootstr
 
 from __future__ import annotations
 
-import os
-import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.interop.friends import (
     FriendsResult,
-    RelayEndpoint,
     run_friends_scenario,
 )
+from tests.interop.relay_kinds import RelayUnderTest, start_relay_under_test
 from tests.interop.toxcore import load_toxcore, toxcore_error
-from tests.support.bootstrapd import _in_ci, start_bootstrapd
-from tests.support.relay_process import RelayProcess, start_relay
+from tests.support.bootstrapd import _in_ci
 from tests.support.toxdht import PrivateDht
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow, pytest.mark.timeout(110)]
 
 ONION_NOT_FORWARDED = pytest.mark.xfail(reason="onion forwarding not implemented yet", strict=False)
-
-_SHARD_RE = re.compile(
-    r"^Shard (?P<shard>\d+) \(worker (?P<worker>\d+)\) pid \d+ "
-    r"direct address [^:]+:(?P<port>\d+)$"
-)
-
-
-@dataclass
-class RelayUnderTest:
-    name: str
-    endpoint_a: RelayEndpoint
-    endpoint_b: RelayEndpoint
-    running: Callable[[], bool]
-    logs: Callable[[], str]
-    stop: Callable[[], object]
-    shard_ports: dict[int, int] = field(default_factory=dict)
 
 
 @pytest.fixture(autouse=True)
@@ -65,56 +45,6 @@ def _toxcore_installed() -> None:
         if _in_ci():
             pytest.fail(f"{reason}; required when CI is set")
         pytest.skip(reason)
-
-
-def start_relay_under_test(kind: str, workdir: Path) -> RelayUnderTest:
-    """Start one of the relays named in the module docstring."""
-    if kind == "bootstrapd":
-        daemon = start_bootstrapd(workdir / "bootstrapd-relay")
-        endpoint = RelayEndpoint(daemon.host, daemon.port, daemon.public_key)
-        return RelayUnderTest(
-            kind,
-            endpoint,
-            endpoint,
-            running=lambda: daemon.running,
-            logs=lambda: daemon.stdout_text() + daemon.stderr_text(),
-            stop=daemon.stop,
-        )
-    workers = 1 if kind == "ours-1w" else 2
-    cross = kind == "ours-2w-cross"
-    relay = start_relay(
-        workdir / kind,
-        secret_key=os.urandom(32),
-        workers=workers,
-        extra_args=["--shard-ports"] if cross else [],
-    )
-    shared = RelayEndpoint(relay.host, relay.port, relay.public_key)
-    shard_ports = _shard_ports(relay) if cross else {}
-    endpoint_a = endpoint_b = shared
-    if cross:
-        assert len(shard_ports) == 2, relay.stdout_lines
-        port_a, port_b = (shard_ports[shard] for shard in sorted(shard_ports))
-        endpoint_a = RelayEndpoint(relay.host, port_a, relay.public_key)
-        endpoint_b = RelayEndpoint(relay.host, port_b, relay.public_key)
-    return RelayUnderTest(
-        kind,
-        endpoint_a,
-        endpoint_b,
-        running=lambda: relay.running,
-        logs=lambda: "\n".join(relay.stdout_lines) + "\n" + relay.stderr_text(),
-        stop=relay.stop,
-        shard_ports=shard_ports,
-    )
-
-
-def _shard_ports(relay: RelayProcess) -> dict[int, int]:
-    """Shard id -> its direct port, from the `--shard-ports` lines of stdout."""
-    ports = {}
-    for line in relay.stdout_lines:
-        match = _SHARD_RE.match(line)
-        if match:
-            ports[int(match["shard"])] = int(match["port"])
-    return ports
 
 
 @pytest.fixture(
