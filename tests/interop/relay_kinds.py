@@ -5,6 +5,8 @@ Used by ``tests/interop/test_friends_end_to_end.py`` and ``ops/bench/friends_com
 * ``bootstrapd`` -- Debian's tox-bootstrapd 0.2.18 with its TCP relay on and no
   bootstrap nodes (not part of any DHT; its UDP port still sends and receives the
   onion packets of its TCP clients).
+* ``bootstrapd-2ports`` -- the same listening on two TCP ports, client A on the first,
+  B on the second: one relay key at two addresses, as ``ours-2w-cross`` presents it.
 * ``ours-1w`` -- ``cluster start --workers 1``.
 * ``ours-2w`` -- ``--workers 2``, both clients on the shared port (the kernel picks
   their shards).
@@ -24,7 +26,7 @@ from tests.interop.friends import RelayEndpoint
 from tests.support.bootstrapd import start_bootstrapd
 from tests.support.relay_process import RelayProcess, start_relay
 
-RELAY_KINDS = ("bootstrapd", "ours-1w", "ours-2w", "ours-2w-cross")
+RELAY_KINDS = ("bootstrapd", "bootstrapd-2ports", "ours-1w", "ours-2w", "ours-2w-cross")
 
 _SHARD_RE = re.compile(
     r"^Shard (?P<shard>\d+) \(worker (?P<worker>\d+)\) pid \d+ "
@@ -50,13 +52,13 @@ def start_relay_under_test(kind: str, workdir: Path) -> RelayUnderTest:
     """Start one of :data:`RELAY_KINDS` in ``workdir`` (random key, loopback)."""
     if kind not in RELAY_KINDS:
         raise ValueError(f"unknown relay kind {kind!r}; one of {RELAY_KINDS}")
-    if kind == "bootstrapd":
-        daemon = start_bootstrapd(workdir / "bootstrapd-relay")
-        endpoint = RelayEndpoint(daemon.host, daemon.port, daemon.public_key)
+    if kind.startswith("bootstrapd"):
+        daemon = start_bootstrapd(workdir / kind, tcp_ports=2 if kind == "bootstrapd-2ports" else 1)
+        port_a, port_b = daemon.ports[0], daemon.ports[-1]
         return RelayUnderTest(
             kind,
-            endpoint,
-            endpoint,
+            RelayEndpoint(daemon.host, port_a, daemon.public_key),
+            RelayEndpoint(daemon.host, port_b, daemon.public_key),
             pid=daemon.pid,
             running=lambda: daemon.running,
             logs=lambda: daemon.stdout_text() + daemon.stderr_text(),

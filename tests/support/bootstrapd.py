@@ -83,6 +83,7 @@ class ReferenceRelay:
     pid: int
     workdir: Path
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+    ports: list[int] = field(default_factory=list)  # every TCP relay port; port == ports[0]
 
     def stop(self) -> None:
         """SIGTERM by PID, wait up to 5 s, then SIGKILL by PID. Idempotent.
@@ -130,6 +131,7 @@ def start_bootstrapd(
     *,
     tcp_relay: bool = True,
     bootstrap_nodes: Sequence[DhtNode] = (),
+    tcp_ports: int = 1,
 ) -> ReferenceRelay:
     """Start ``tox-bootstrapd`` in ``workdir`` (created if missing) on free loopback ports.
 
@@ -137,7 +139,8 @@ def start_bootstrapd(
     generated when omitted (the key is always known to the caller).
     ``tcp_relay=False`` starts a DHT node without a TCP relay (``port`` is then 0);
     ``bootstrap_nodes`` are the DHT nodes it joins at start (none: its DHT stays
-    idle, but its UDP port still serves onion hops and forwarding). Each failed
+    idle, but its UDP port still serves onion hops and forwarding). ``tcp_ports`` > 1
+    makes the relay listen on that many ports (``ports``; one key, one relay). Each failed
     attempt (process exit, "Couldn't initialize", or no readiness within ~5 s) is
     killed by PID and retried with new ports; after ``attempts`` failures a
     ``RuntimeError`` carrying the daemon's stdout/stderr is raised.
@@ -158,14 +161,12 @@ def start_bootstrapd(
 
     failures: list[str] = []
     for attempt in range(1, attempts + 1):
-        tcp_port, udp_port = _pick_ports()
-        if not tcp_relay:
-            tcp_port = 0
-        (workdir / CONF_NAME).write_text(_config_text(udp_port, tcp_port, bootstrap_nodes))
-        relay, error = _try_start(workdir, tcp_port, public_key, secret_key)
+        tcp_port_list, udp_port = _pick_ports(tcp_ports if tcp_relay else 0)
+        (workdir / CONF_NAME).write_text(_config_text(udp_port, tcp_port_list, bootstrap_nodes))
+        relay, error = _try_start(workdir, tcp_port_list, public_key, secret_key)
         if relay is not None:
             return relay
-        failures.append(f"--- attempt {attempt} (tcp {tcp_port}, udp {udp_port}): {error}")
+        failures.append(f"--- attempt {attempt} (tcp {tcp_port_list}, udp {udp_port}): {error}")
     raise RuntimeError(
         f"tox-bootstrapd failed to start after {attempts} attempts in {workdir}:\n"
         + "\n".join(failures)
@@ -199,10 +200,13 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _config_text(udp_port: int, tcp_port: int, bootstrap_nodes: Sequence[DhtNode] = ()) -> str:
-    """libconfig text; ``tcp_port`` 0 switches the TCP relay off."""
-    tcp = f"enable_tcp_relay = true\ntcp_relay_ports = [{tcp_port}]\n"
-    if tcp_port == 0:
+def _config_text(
+    udp_port: int, tcp_ports: Sequence[int], bootstrap_nodes: Sequence[DhtNode] = ()
+) -> str:
+    """libconfig text; no ``tcp_ports`` switches the TCP relay off."""
+    port_list = ", ".join(str(port) for port in tcp_ports)
+    tcp = f"enable_tcp_relay = true\ntcp_relay_ports = [{port_list}]\n"
+    if not tcp_ports:
         tcp = "enable_tcp_relay = false\n"
     nodes = ",\n".join(
         f'  {{ address = "{node.host}"; port = {node.port}; '
@@ -269,12 +273,14 @@ def _free_port(kind: int, busy: set[int]) -> int:
     raise RuntimeError("could not find a free port")
 
 
-def _pick_ports() -> tuple[int, int]:
+def _pick_ports(tcp_count: int = 1) -> tuple[list[int], int]:
     busy = _ports_in_use()
-    tcp_port = _free_port(socket.SOCK_STREAM, busy)
-    busy.add(tcp_port)
+    tcp_ports = []
+    for _ in range(tcp_count):
+        tcp_ports.append(_free_port(socket.SOCK_STREAM, busy))
+        busy.add(tcp_ports[-1])
     udp_port = _free_port(socket.SOCK_DGRAM, busy)
-    return tcp_port, udp_port
+    return tcp_ports, udp_port
 
 
 def _read(path: Path) -> bytes:
@@ -354,7 +360,7 @@ def _udp_port_of(pid: int) -> int | None:
 
 
 def _try_start(
-    workdir: Path, tcp_port: int, public_key: bytes, secret_key: bytes
+    workdir: Path, tcp_ports: list[int], public_key: bytes, secret_key: bytes
 ) -> tuple[ReferenceRelay | None, str]:
     """One start attempt; returns (relay, "") or (None, reason-with-logs)."""
     out_path, err_path = workdir / STDOUT_NAME, workdir / STDERR_NAME
@@ -395,8 +401,8 @@ def _try_start(
             printed = bytes.fromhex(match.group(1).decode())
             if printed != public_key:
                 reason = f"printed public key {printed.hex()} != expected {public_key.hex()}"
-            elif tcp_port and not _tcp_accepts(tcp_port, deadline):
-                reason = f"TCP port {tcp_port} does not accept connections"
+            elif refused := [port for port in tcp_ports if not _tcp_accepts(port, deadline)]:
+                reason = f"TCP port(s) {refused} do not accept connections"
             elif proc.poll() is not None:
                 reason = f"exited with code {proc.returncode}"
             else:
@@ -406,7 +412,8 @@ def _try_start(
                 else:
                     relay = ReferenceRelay(
                         host=HOST,
-                        port=tcp_port,
+                        port=tcp_ports[0] if tcp_ports else 0,
+                        ports=list(tcp_ports),
                         udp_port=udp_port,
                         public_key=public_key,
                         secret_key=secret_key,
