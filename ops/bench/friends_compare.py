@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         rtt_rounds=args.rtt_rounds,
         file_size=args.file_size,
         file_timeout_s=max(30.0, args.file_size / 50_000),
+        total_timeout_s=90.0 + max(30.0, args.file_size / 50_000),
     )
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

@@ -54,6 +54,7 @@ SELF_CONNECT_TIMEOUT_S = 25.0
 FRIEND_CONNECT_TIMEOUT_S = 45.0
 MESSAGE_TIMEOUT_S = 10.0
 FILE_TIMEOUT_S = 30.0
+TOTAL_TIMEOUT_S = 90.0
 #: Longest sleep between two rounds of ``tox_iterate`` while nothing is readable.
 MAX_POLL_S = 0.02
 _FD_REFRESH_S = 0.2
@@ -77,6 +78,7 @@ class ScenarioConfig:
     friend_connect_timeout_s: float = FRIEND_CONNECT_TIMEOUT_S
     message_timeout_s: float = MESSAGE_TIMEOUT_S
     file_timeout_s: float = FILE_TIMEOUT_S
+    total_timeout_s: float = TOTAL_TIMEOUT_S  # caps the sum of all the steps
 
 
 @dataclass
@@ -212,8 +214,9 @@ class _Peer:
 class _Driver:
     """Iterates both clients in the calling thread until a condition holds."""
 
-    def __init__(self, peers: Sequence[_Peer]) -> None:
+    def __init__(self, peers: Sequence[_Peer], deadline: float) -> None:
         self.peers = list(peers)
+        self.deadline = deadline  # time.monotonic() by which the whole scenario must end
         self._fds: list[int] = []
         self._fds_at = 0.0
 
@@ -236,10 +239,13 @@ class _Driver:
             self._fds_at = 0.0  # a descriptor went away: list them again next time
 
     def run_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
+        deadline = min(time.monotonic() + timeout, self.deadline)
         while not done():
             if time.monotonic() > deadline:
-                raise ScenarioError(f"timed out after {timeout:.0f} s waiting for {what}")
+                limit = (
+                    "the scenario's total time" if deadline == self.deadline else f"{timeout:.0f} s"
+                )
+                raise ScenarioError(f"timed out ({limit}) waiting for {what}")
             self.step()
 
 
@@ -261,7 +267,7 @@ def run_friends_scenario(
         peers.append(a)
         b = _Peer("B", relay_b, dht_nodes)
         peers.append(b)
-        driver = _Driver(peers)
+        driver = _Driver(peers, started + config.total_timeout_s)
 
         def accept(public_key: bytes, message: bytes) -> None:
             b.requests.append((public_key, message, time.monotonic()))

@@ -25,10 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.friends import (
-    FriendsResult,
-    run_friends_scenario,
-)
+from tests.interop.friends import FriendsResult, ScenarioError, run_friends_scenario
 from tests.interop.relay_kinds import RelayUnderTest, start_relay_under_test
 from tests.interop.toxcore import load_toxcore, toxcore_error
 from tests.support.bootstrapd import BOOTSTRAPD_PATH, _in_ci, bootstrapd_available
@@ -86,7 +83,13 @@ def test_two_toxcore_clients_become_friends_and_talk_through_the_relay(
 ) -> None:
     relay = relay_under_test
     assert private_dht.all_running()
-    result = run_friends_scenario(relay.endpoint_a, relay.endpoint_b, private_dht.nodes)
+    try:
+        result = run_friends_scenario(relay.endpoint_a, relay.endpoint_b, private_dht.nodes)
+    except ScenarioError as error:
+        logs = relay.logs()[-4000:]
+        pytest.fail(
+            f"[{relay.name}] {error}\n--- relay (running={relay.running()}) log tail:\n{logs}"
+        )
     print(f"\n[{relay.name}] {describe(result)}")
 
     # The scenario checked contents, order, the file's bytes and "no other path";
