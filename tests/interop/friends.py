@@ -49,7 +49,8 @@ from tests.interop.toxcore import (
 from tests.support.bootstrapd import DhtNode
 
 #: Both clients announced through the onion (self status TCP); fails fast when the
-#: relay does not carry onion packets (about 3-6 s with tox-bootstrapd as the relay).
+#: relay does not carry onion packets (7-8 s with tox-bootstrapd as the relay: toxcore's
+#: announce timers, not the relay, set this).
 SELF_CONNECT_TIMEOUT_S = 25.0
 FRIEND_CONNECT_TIMEOUT_S = 45.0
 MESSAGE_TIMEOUT_S = 10.0
@@ -100,7 +101,7 @@ class FriendsResult:
     self_connected_s: float  # clients created -> both report TOX_CONNECTION_TCP for themselves
     friend_request_s: float  # clients created -> B got A's friend request
     friend_connected_s: float  # clients created -> both see the friend as connected
-    connection_a: str  # "TCP" or "UDP" as A's callback reported it
+    connection_a: str  # A's friend connection at the end: "TCP" (UDP is off)
     connection_b: str
     rtts: list[float]
     file_size: int
