@@ -38,12 +38,13 @@ from tests.support.toxdht import start_private_dht  # noqa: E402
 
 _CALLS = "sendto,recvfrom,sendmsg,recvmsg,sendmmsg,recvmmsg"
 _CALL_RE = re.compile(r"\b(sendto|recvfrom|sendmsg|recvmsg|sendmmsg|recvmmsg)\(")
+_UNFINISHED = " <unfinished ...>"
+_RESUMED_RE = re.compile(r"^(\d+)\s+<\.\.\. \w+ resumed>")
 _PORT_RE = re.compile(r"sin_port=htons\((\d+)\)")
-_DATA_RE = re.compile(r'"((?:\\x[0-9a-f]{2})+)"')
+_DATA_RE = re.compile(r'(?<!inet_addr\()"((?:\\x[0-9a-f]{2})+)"')  # not the address
 #: A 0x8e datagram's payload id sits after 0x8e and the 59-byte return block.
 _ONION_RECV_1_PAYLOAD_OFFSET = 60
 _RESULT_RE = re.compile(r"\)\s+=\s+(-?\d+)")
-_LEN_RE = re.compile(r"iov_len=(\d+)")
 
 
 def descendants(pid: int) -> list[int]:
@@ -66,11 +67,27 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def joined_lines(trace: str) -> list[str]:
+    """strace -f splits a syscall that another traced process interrupted into
+    "call(... <unfinished ...>" and "<... call resumed>...": join the halves."""
+    pending: dict[str, str] = {}
+    lines = []
+    for line in trace.splitlines():
+        if line.endswith(_UNFINISHED):
+            pending[line.split(maxsplit=1)[0]] = line[: -len(_UNFINISHED)]
+            continue
+        resumed = _RESUMED_RE.match(line)
+        if resumed and resumed.group(1) in pending:
+            line = pending.pop(resumed.group(1)) + line[resumed.end() :]
+        lines.append(line)
+    return lines
+
+
 def summarize(trace: str, names: dict[int, str]) -> collections.Counter[tuple[str, str, str, str]]:
     """(direction, first byte, peer, size) -> count, for syscalls that carry an IPv4
     address and succeeded."""
     counts: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
-    for line in trace.splitlines():
+    for line in joined_lines(trace):
         call = _CALL_RE.search(line)
         ports = _PORT_RE.findall(line)
         result = _RESULT_RE.search(line)
@@ -78,10 +95,10 @@ def summarize(trace: str, names: dict[int, str]) -> collections.Counter[tuple[st
             continue
         direction = "sent" if call.group(1).startswith("send") else "received"
         datas = [bytes.fromhex(d.replace("\\x", "")) for d in _DATA_RE.findall(line)]
-        if call.group(1) in ("sendto", "recvfrom"):
-            sizes = [result.group(1)]
+        if call.group(1) in ("sendto", "recvfrom", "sendmsg", "recvmsg"):
+            sizes = [result.group(1)]  # one datagram: the result is its size
         else:
-            sizes = _LEN_RE.findall(line) if call.group(1) == "sendmsg" else ["?"] * len(ports)
+            sizes = ["?"] * len(ports)  # sendmmsg/recvmmsg: the result is a count
         for index, port in enumerate(ports):
             data = datas[index] if index < len(datas) else b""
             first = f"{data[0]:02x}" if data else "?"
@@ -96,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--relay", default="bootstrapd", choices=RELAY_KINDS)
     parser.add_argument("--file-size", type=int, default=64 * 1024)
+    parser.add_argument("--trace-out", type=Path, help="also keep strace's raw output here")
     args = parser.parse_args(argv)
     if shutil.which("strace") is None:
         print("strace not installed", file=sys.stderr)
@@ -132,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             dht.stop()
         names = {node.port: f"node-{i}" for i, node in enumerate(nodes)}
         counts = summarize(trace_path.read_text(errors="replace"), names)
+        if args.trace_out is not None:
+            shutil.copyfile(trace_path, args.trace_out)
     print(
         f"relay {args.relay} (pids {pids}); DHT nodes "
         + ", ".join(f"node-{i} udp {n.port}" for i, n in enumerate(nodes))
