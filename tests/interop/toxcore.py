@@ -1,9 +1,12 @@
 """A minimal ctypes binding to Debian's libtoxcore 0.2.18 (public ``tox.h`` API only).
 
-Just enough to run a real toxcore client that talks to one TCP relay: options with
+Just enough to run real toxcore clients that talk through one TCP relay: options with
 UDP, LAN discovery, IPv6 and the client's own TCP relay server switched off,
-``tox_add_tcp_relay``, the ``tox_iterate`` loop, the client's DHT key (the key a
-toxcore client presents on TCP relays, tcp-relay-protocol.md §14) and its log.
+``tox_add_tcp_relay``, ``tox_bootstrap`` (with UDP off, bootstrap nodes only serve as
+onion path nodes 2 and 3), the ``tox_iterate`` loop, the client's DHT key (the key a
+toxcore client presents on TCP relays, tcp-relay-protocol.md §14), its log, and what
+two clients need to become friends and talk: address, friend requests, connection
+status, messages and file transfers (see ``tests/interop/friends.py``).
 
 No C compiler is needed: the library is loaded with :func:`ctypes.CDLL`.
 
@@ -11,6 +14,7 @@ Public API:
 
 * :func:`load_toxcore` - the loaded library, or ``None`` when it is not installed.
 * :class:`ToxClient` - one ``Tox`` instance; not thread-safe, use it from one thread.
+  Its ``on_*`` attributes receive toxcore's callbacks (set them before iterating).
 * :class:`ToxLoop` - a :class:`ToxClient` created, iterated and killed in a worker thread
   (so an in-process relay on the test's event loop keeps running meanwhile).
 * :func:`tcp_sockets_to` - this process's TCP sockets connected to a loopback port,
@@ -33,11 +37,26 @@ from pathlib import Path
 
 LIBRARY_NAME = "libtoxcore.so.2"
 PUBLIC_KEY_SIZE = 32  # TOX_PUBLIC_KEY_SIZE
+ADDRESS_SIZE = 38  # TOX_ADDRESS_SIZE: public key, 4-byte nospam, 2-byte checksum
+FILE_ID_LENGTH = 32  # TOX_FILE_ID_LENGTH
+MAX_MESSAGE_LENGTH = 1372  # TOX_MAX_MESSAGE_LENGTH
+MAX_CUSTOM_PACKET_SIZE = 1373  # TOX_MAX_CUSTOM_PACKET_SIZE
 
 # enum values from tox.h (0.2.18); C enums are passed as int.
 TOX_ERR_NEW_OK = 0
 TOX_ERR_OPTIONS_NEW_OK = 0
 TOX_ERR_BOOTSTRAP_OK = 0
+TOX_CONNECTION_NONE = 0
+TOX_CONNECTION_TCP = 1
+TOX_CONNECTION_UDP = 2
+CONNECTION_NAMES = ("NONE", "TCP", "UDP")
+TOX_MESSAGE_TYPE_NORMAL = 0
+TOX_FILE_KIND_DATA = 0
+TOX_FILE_CONTROL_RESUME = 0
+TOX_FILE_CONTROL_PAUSE = 1
+TOX_FILE_CONTROL_CANCEL = 2
+TOX_ERR_FILE_SEND_CHUNK_SENDQ = 7
+UINT32_MAX = 0xFFFFFFFF  # the error return of tox_friend_add, tox_file_send, ...
 LOG_LEVEL_NAMES = ("TRACE", "DEBUG", "INFO", "WARNING", "ERROR")
 
 _c_tox_p = ctypes.c_void_p
@@ -54,6 +73,67 @@ LOG_CALLBACK = ctypes.CFUNCTYPE(
     ctypes.c_uint32,
     ctypes.c_char_p,
     ctypes.c_char_p,
+    ctypes.c_void_p,
+)
+
+_u8_p = ctypes.POINTER(ctypes.c_uint8)
+
+#: typedef void tox_self_connection_status_cb(Tox *, Tox_Connection, void *)
+SELF_CONNECTION_STATUS_CALLBACK = ctypes.CFUNCTYPE(None, _c_tox_p, ctypes.c_int, ctypes.c_void_p)
+#: typedef void tox_friend_request_cb(Tox *, const uint8_t *public_key,
+#:                                    const uint8_t *message, size_t length, void *)
+FRIEND_REQUEST_CALLBACK = ctypes.CFUNCTYPE(
+    None, _c_tox_p, _u8_p, _u8_p, ctypes.c_size_t, ctypes.c_void_p
+)
+#: typedef void tox_friend_connection_status_cb(Tox *, uint32_t friend_number,
+#:                                              Tox_Connection, void *)
+FRIEND_CONNECTION_STATUS_CALLBACK = ctypes.CFUNCTYPE(
+    None, _c_tox_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p
+)
+#: typedef void tox_friend_message_cb(Tox *, uint32_t friend_number, Tox_Message_Type,
+#:                                    const uint8_t *message, size_t length, void *)
+FRIEND_MESSAGE_CALLBACK = ctypes.CFUNCTYPE(
+    None, _c_tox_p, ctypes.c_uint32, ctypes.c_int, _u8_p, ctypes.c_size_t, ctypes.c_void_p
+)
+#: typedef void tox_file_recv_cb(Tox *, uint32_t friend_number, uint32_t file_number,
+#:     uint32_t kind, uint64_t file_size, const uint8_t *filename, size_t length, void *)
+FILE_RECV_CALLBACK = ctypes.CFUNCTYPE(
+    None,
+    _c_tox_p,
+    ctypes.c_uint32,
+    ctypes.c_uint32,
+    ctypes.c_uint32,
+    ctypes.c_uint64,
+    _u8_p,
+    ctypes.c_size_t,
+    ctypes.c_void_p,
+)
+#: typedef void tox_file_recv_control_cb(Tox *, uint32_t friend_number,
+#:                                       uint32_t file_number, Tox_File_Control, void *)
+FILE_RECV_CONTROL_CALLBACK = ctypes.CFUNCTYPE(
+    None, _c_tox_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p
+)
+#: typedef void tox_file_chunk_request_cb(Tox *, uint32_t friend_number,
+#:     uint32_t file_number, uint64_t position, size_t length, void *)
+FILE_CHUNK_REQUEST_CALLBACK = ctypes.CFUNCTYPE(
+    None,
+    _c_tox_p,
+    ctypes.c_uint32,
+    ctypes.c_uint32,
+    ctypes.c_uint64,
+    ctypes.c_size_t,
+    ctypes.c_void_p,
+)
+#: typedef void tox_file_recv_chunk_cb(Tox *, uint32_t friend_number, uint32_t file_number,
+#:     uint64_t position, const uint8_t *data, size_t length, void *)
+FILE_RECV_CHUNK_CALLBACK = ctypes.CFUNCTYPE(
+    None,
+    _c_tox_p,
+    ctypes.c_uint32,
+    ctypes.c_uint32,
+    ctypes.c_uint64,
+    _u8_p,
+    ctypes.c_size_t,
     ctypes.c_void_p,
 )
 
@@ -76,6 +156,62 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     ),
     "tox_self_get_dht_id": (None, [_c_tox_p, ctypes.c_char_p]),
     "tox_self_get_public_key": (None, [_c_tox_p, ctypes.c_char_p]),
+    "tox_bootstrap": (
+        ctypes.c_bool,
+        [_c_tox_p, ctypes.c_char_p, ctypes.c_uint16, ctypes.c_char_p, _c_int_p],
+    ),
+    "tox_self_get_address": (None, [_c_tox_p, ctypes.c_char_p]),
+    "tox_self_get_connection_status": (ctypes.c_int, [_c_tox_p]),
+    "tox_friend_add": (
+        ctypes.c_uint32,
+        [_c_tox_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, _c_int_p],
+    ),
+    "tox_friend_add_norequest": (ctypes.c_uint32, [_c_tox_p, ctypes.c_char_p, _c_int_p]),
+    "tox_friend_get_connection_status": (ctypes.c_int, [_c_tox_p, ctypes.c_uint32, _c_int_p]),
+    "tox_friend_send_message": (
+        ctypes.c_uint32,
+        [_c_tox_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, _c_int_p],
+    ),
+    "tox_file_send": (
+        ctypes.c_uint32,
+        [
+            _c_tox_p,
+            ctypes.c_uint32,
+            ctypes.c_uint32,
+            ctypes.c_uint64,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            _c_int_p,
+        ],
+    ),
+    "tox_file_control": (
+        ctypes.c_bool,
+        [_c_tox_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int, _c_int_p],
+    ),
+    "tox_file_send_chunk": (
+        ctypes.c_bool,
+        [
+            _c_tox_p,
+            ctypes.c_uint32,
+            ctypes.c_uint32,
+            ctypes.c_uint64,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            _c_int_p,
+        ],
+    ),
+    "tox_callback_self_connection_status": (None, [_c_tox_p, SELF_CONNECTION_STATUS_CALLBACK]),
+    "tox_callback_friend_request": (None, [_c_tox_p, FRIEND_REQUEST_CALLBACK]),
+    "tox_callback_friend_connection_status": (
+        None,
+        [_c_tox_p, FRIEND_CONNECTION_STATUS_CALLBACK],
+    ),
+    "tox_callback_friend_message": (None, [_c_tox_p, FRIEND_MESSAGE_CALLBACK]),
+    "tox_callback_file_recv": (None, [_c_tox_p, FILE_RECV_CALLBACK]),
+    "tox_callback_file_recv_control": (None, [_c_tox_p, FILE_RECV_CONTROL_CALLBACK]),
+    "tox_callback_file_chunk_request": (None, [_c_tox_p, FILE_CHUNK_REQUEST_CALLBACK]),
+    "tox_callback_file_recv_chunk": (None, [_c_tox_p, FILE_RECV_CHUNK_CALLBACK]),
 }
 
 _library: ctypes.CDLL | None = None
@@ -170,6 +306,117 @@ class ToxClient:
         if not tox or error.value != TOX_ERR_NEW_OK:
             raise ToxError(f"tox_new failed: Tox_Err_New {error.value}")
         self._tox: int | None = tox
+        # Python handlers of toxcore's callbacks, called from inside iterate();
+        # None = ignore the event. An exception in a handler is kept and raised by
+        # iterate() (ctypes would otherwise print and swallow it).
+        self.on_self_connection_status: Callable[[int], None] | None = None
+        self.on_friend_request: Callable[[bytes, bytes], None] | None = None
+        self.on_friend_connection_status: Callable[[int, int], None] | None = None
+        self.on_friend_message: Callable[[int, int, bytes], None] | None = None
+        self.on_file_recv: Callable[[int, int, int, int, bytes], None] | None = None
+        self.on_file_recv_control: Callable[[int, int, int], None] | None = None
+        self.on_file_chunk_request: Callable[[int, int, int, int], None] | None = None
+        self.on_file_recv_chunk: Callable[[int, int, int, bytes], None] | None = None
+        self._callback_errors: list[BaseException] = []
+        self._install_callbacks()
+
+    def _install_callbacks(self) -> None:
+        """Register one C callback per event; the CFUNCTYPE objects are kept on
+        ``self`` because toxcore keeps only the raw function pointer."""
+        lib, tox = self._lib, self._handle
+
+        def guarded(function: Callable[..., None]) -> Callable[..., None]:
+            def call(*args: object) -> None:
+                try:
+                    function(*args)
+                except BaseException as exc:
+                    self._callback_errors.append(exc)
+
+            return call
+
+        def self_status(_tox: int | None, status: int, _user: int | None) -> None:
+            if self.on_self_connection_status is not None:
+                self.on_self_connection_status(status)
+
+        def friend_request(
+            _tox: int | None, public_key: object, message: object, length: int, _user: object
+        ) -> None:
+            if self.on_friend_request is not None:
+                self.on_friend_request(
+                    ctypes.string_at(public_key, PUBLIC_KEY_SIZE), ctypes.string_at(message, length)
+                )
+
+        def friend_status(_tox: int | None, friend: int, status: int, _user: object) -> None:
+            if self.on_friend_connection_status is not None:
+                self.on_friend_connection_status(friend, status)
+
+        def friend_message(
+            _tox: int | None, friend: int, kind: int, message: object, length: int, _user: object
+        ) -> None:
+            if self.on_friend_message is not None:
+                self.on_friend_message(friend, kind, ctypes.string_at(message, length))
+
+        def file_recv(
+            _tox: int | None,
+            friend: int,
+            file: int,
+            kind: int,
+            size: int,
+            name: object,
+            name_length: int,
+            _user: object,
+        ) -> None:
+            if self.on_file_recv is not None:
+                filename = ctypes.string_at(name, name_length) if name_length else b""
+                self.on_file_recv(friend, file, kind, size, filename)
+
+        def file_control(
+            _tox: int | None, friend: int, file: int, control: int, _user: object
+        ) -> None:
+            if self.on_file_recv_control is not None:
+                self.on_file_recv_control(friend, file, control)
+
+        def chunk_request(
+            _tox: int | None, friend: int, file: int, position: int, length: int, _user: object
+        ) -> None:
+            if self.on_file_chunk_request is not None:
+                self.on_file_chunk_request(friend, file, position, length)
+
+        def recv_chunk(
+            _tox: int | None,
+            friend: int,
+            file: int,
+            position: int,
+            data: object,
+            length: int,
+            _user: object,
+        ) -> None:
+            if self.on_file_recv_chunk is not None:
+                chunk = ctypes.string_at(data, length) if length else b""
+                self.on_file_recv_chunk(friend, file, position, chunk)
+
+        self._callbacks = (
+            SELF_CONNECTION_STATUS_CALLBACK(guarded(self_status)),
+            FRIEND_REQUEST_CALLBACK(guarded(friend_request)),
+            FRIEND_CONNECTION_STATUS_CALLBACK(guarded(friend_status)),
+            FRIEND_MESSAGE_CALLBACK(guarded(friend_message)),
+            FILE_RECV_CALLBACK(guarded(file_recv)),
+            FILE_RECV_CONTROL_CALLBACK(guarded(file_control)),
+            FILE_CHUNK_REQUEST_CALLBACK(guarded(chunk_request)),
+            FILE_RECV_CHUNK_CALLBACK(guarded(recv_chunk)),
+        )
+        registrations = (
+            lib.tox_callback_self_connection_status,
+            lib.tox_callback_friend_request,
+            lib.tox_callback_friend_connection_status,
+            lib.tox_callback_friend_message,
+            lib.tox_callback_file_recv,
+            lib.tox_callback_file_recv_control,
+            lib.tox_callback_file_chunk_request,
+            lib.tox_callback_file_recv_chunk,
+        )
+        for register, callback in zip(registrations, self._callbacks, strict=True):
+            register(tox, callback)
 
     def _on_log(
         self,
@@ -228,8 +475,126 @@ class ToxClient:
         return float(self._lib.tox_iteration_interval(self._handle)) / 1000.0
 
     def iterate(self) -> None:
-        """One ``tox_iterate`` (network I/O, timers, callbacks)."""
+        """One ``tox_iterate`` (network I/O, timers, callbacks); re-raises the first
+        exception a Python callback handler raised during it."""
         self._lib.tox_iterate(self._handle, None)
+        if self._callback_errors:
+            error = self._callback_errors[0]
+            self._callback_errors.clear()
+            raise error
+
+    def bootstrap(self, host: str, port: int, public_key: bytes) -> None:
+        """``tox_bootstrap`` to a DHT node (UDP port). With UDP disabled the node is
+        not contacted directly; it becomes a candidate onion path node."""
+        if len(public_key) != PUBLIC_KEY_SIZE:
+            raise ValueError("node public key must be 32 bytes")
+        error = ctypes.c_int(-1)
+        ok = self._lib.tox_bootstrap(
+            self._handle, host.encode(), port, public_key, ctypes.byref(error)
+        )
+        if not ok or error.value != TOX_ERR_BOOTSTRAP_OK:
+            raise ToxError(f"tox_bootstrap failed: Tox_Err_Bootstrap {error.value}")
+
+    @property
+    def address(self) -> bytes:
+        """The 38-byte Tox address (public key, nospam, checksum) for friend requests."""
+        buffer = ctypes.create_string_buffer(ADDRESS_SIZE)
+        self._lib.tox_self_get_address(self._handle, buffer)
+        return buffer.raw
+
+    @property
+    def connection_status(self) -> int:
+        """``tox_self_get_connection_status``: TOX_CONNECTION_NONE/TCP/UDP."""
+        return int(self._lib.tox_self_get_connection_status(self._handle))
+
+    def friend_add(self, address: bytes, message: bytes) -> int:
+        """``tox_friend_add`` (sends a friend request); the friend number."""
+        if len(address) != ADDRESS_SIZE:
+            raise ValueError("a Tox address is 38 bytes")
+        error = ctypes.c_int(-1)
+        number = self._lib.tox_friend_add(
+            self._handle, address, message, len(message), ctypes.byref(error)
+        )
+        if number == UINT32_MAX or error.value != 0:
+            raise ToxError(f"tox_friend_add failed: Tox_Err_Friend_Add {error.value}")
+        return int(number)
+
+    def friend_add_norequest(self, public_key: bytes) -> int:
+        """``tox_friend_add_norequest`` (accepts a request); the friend number."""
+        if len(public_key) != PUBLIC_KEY_SIZE:
+            raise ValueError("a public key is 32 bytes")
+        error = ctypes.c_int(-1)
+        number = self._lib.tox_friend_add_norequest(self._handle, public_key, ctypes.byref(error))
+        if number == UINT32_MAX or error.value != 0:
+            raise ToxError(f"tox_friend_add_norequest failed: Tox_Err_Friend_Add {error.value}")
+        return int(number)
+
+    def friend_connection_status(self, friend: int) -> int:
+        """``tox_friend_get_connection_status``: TOX_CONNECTION_NONE/TCP/UDP."""
+        error = ctypes.c_int(-1)
+        status = self._lib.tox_friend_get_connection_status(
+            self._handle, friend, ctypes.byref(error)
+        )
+        if error.value != 0:
+            raise ToxError(f"tox_friend_get_connection_status: Tox_Err_Friend_Query {error.value}")
+        return int(status)
+
+    def send_message(self, friend: int, message: bytes) -> int:
+        """``tox_friend_send_message`` (normal type); the message id."""
+        error = ctypes.c_int(-1)
+        message_id = self._lib.tox_friend_send_message(
+            self._handle,
+            friend,
+            TOX_MESSAGE_TYPE_NORMAL,
+            message,
+            len(message),
+            ctypes.byref(error),
+        )
+        if error.value != 0:
+            raise ToxError(f"tox_friend_send_message failed: error {error.value}")
+        return int(message_id)
+
+    def file_send(
+        self, friend: int, size: int, filename: bytes, file_id: bytes | None = None
+    ) -> int:
+        """``tox_file_send`` of a data file; the file number. Chunks are then asked
+        for through ``on_file_chunk_request``."""
+        if file_id is not None and len(file_id) != FILE_ID_LENGTH:
+            raise ValueError("a file id is 32 bytes")
+        error = ctypes.c_int(-1)
+        number = self._lib.tox_file_send(
+            self._handle,
+            friend,
+            TOX_FILE_KIND_DATA,
+            size,
+            file_id,
+            filename,
+            len(filename),
+            ctypes.byref(error),
+        )
+        if number == UINT32_MAX or error.value != 0:
+            raise ToxError(f"tox_file_send failed: Tox_Err_File_Send {error.value}")
+        return int(number)
+
+    def file_control(self, friend: int, file: int, control: int) -> None:
+        """``tox_file_control`` (TOX_FILE_CONTROL_RESUME accepts an incoming file)."""
+        error = ctypes.c_int(-1)
+        ok = self._lib.tox_file_control(self._handle, friend, file, control, ctypes.byref(error))
+        if not ok or error.value != 0:
+            raise ToxError(f"tox_file_control failed: Tox_Err_File_Control {error.value}")
+
+    def file_send_chunk(self, friend: int, file: int, position: int, data: bytes) -> bool:
+        """``tox_file_send_chunk``; False when toxcore's send queue is full
+        (TOX_ERR_FILE_SEND_CHUNK_SENDQ, 7): the same chunk is asked for again later."""
+        error = ctypes.c_int(-1)
+        ok = self._lib.tox_file_send_chunk(
+            self._handle, friend, file, position, data, len(data), ctypes.byref(error)
+        )
+        if ok and error.value == 0:
+            return True
+        if error.value == TOX_ERR_FILE_SEND_CHUNK_SENDQ:
+            return False
+        raise ToxError(f"tox_file_send_chunk failed: Tox_Err_File_Send_Chunk {error.value}")
 
     def kill(self) -> None:
         """``tox_kill``: closes every socket at once. Idempotent."""

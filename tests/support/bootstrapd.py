@@ -12,8 +12,11 @@ See /work/shared/spec/tox-bootstrapd-reference.md for the daemon's behaviour.
 Public API:
 
 * :class:`ReferenceRelay` - a running daemon (address, ports, key pair, pid, workdir).
+* :class:`DhtNode` - where a daemon's UDP DHT side can be reached (for ``bootstrap_nodes``
+  and ``tox_bootstrap``).
 * :func:`bootstrapd_available` - whether the binary is installed.
-* :func:`start_bootstrapd` - start one daemon in ``workdir``.
+* :func:`start_bootstrapd` - start one daemon in ``workdir``; optionally as a pure DHT
+  node (``tcp_relay=False``) that bootstraps off other nodes (``bootstrap_nodes``).
 * :func:`reference_relay` - pytest fixture: a daemon with the test-vectors server key
   (bytes 0x40..0x5f). Import it into a ``conftest.py`` to use it.
 """
@@ -29,7 +32,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,9 +61,19 @@ _FAILURE_MARKERS = (b"Couldn't initialize", b"Couldn't read")
 _LIVE: dict[int, ReferenceRelay] = {}
 
 
+@dataclass(frozen=True)
+class DhtNode:
+    """A DHT node's UDP address and DHT public key."""
+
+    host: str
+    port: int
+    public_key: bytes
+
+
 @dataclass
 class ReferenceRelay:
-    """A running ``tox-bootstrapd`` acting as the reference TCP relay."""
+    """A running ``tox-bootstrapd`` acting as the reference TCP relay (``port`` is
+    its TCP relay port; 0 for a daemon started with ``tcp_relay=False``)."""
 
     host: str
     port: int
@@ -70,6 +83,7 @@ class ReferenceRelay:
     pid: int
     workdir: Path
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+    ports: list[int] = field(default_factory=list)  # every TCP relay port; port == ports[0]
 
     def stop(self) -> None:
         """SIGTERM by PID, wait up to 5 s, then SIGKILL by PID. Idempotent.
@@ -85,6 +99,11 @@ class ReferenceRelay:
         finally:
             self._proc = None
             _LIVE.pop(id(self), None)
+
+    @property
+    def dht_node(self) -> DhtNode:
+        """Its UDP side as a DHT node (what other nodes and clients bootstrap off)."""
+        return DhtNode(self.host, self.udp_port, self.public_key)
 
     @property
     def running(self) -> bool:
@@ -106,12 +125,22 @@ def bootstrapd_available() -> bool:
 
 
 def start_bootstrapd(
-    workdir: Path, secret_key: bytes | None = None, attempts: int = 8
+    workdir: Path,
+    secret_key: bytes | None = None,
+    attempts: int = 8,
+    *,
+    tcp_relay: bool = True,
+    bootstrap_nodes: Sequence[DhtNode] = (),
+    tcp_ports: int = 1,
 ) -> ReferenceRelay:
     """Start ``tox-bootstrapd`` in ``workdir`` (created if missing) on free loopback ports.
 
     ``secret_key`` is the relay's 32-byte DHT/TCP secret key; a random one is
-    generated when omitted (the key is always known to the caller). Each failed
+    generated when omitted (the key is always known to the caller).
+    ``tcp_relay=False`` starts a DHT node without a TCP relay (``port`` is then 0);
+    ``bootstrap_nodes`` are the DHT nodes it joins at start (none: its DHT stays
+    idle, but its UDP port still serves onion hops and forwarding). ``tcp_ports`` > 1
+    makes the relay listen on that many ports (``ports``; one key, one relay). Each failed
     attempt (process exit, "Couldn't initialize", or no readiness within ~5 s) is
     killed by PID and retried with new ports; after ``attempts`` failures a
     ``RuntimeError`` carrying the daemon's stdout/stderr is raised.
@@ -132,12 +161,12 @@ def start_bootstrapd(
 
     failures: list[str] = []
     for attempt in range(1, attempts + 1):
-        tcp_port, udp_port = _pick_ports()
-        (workdir / CONF_NAME).write_text(_config_text(udp_port, tcp_port))
-        relay, error = _try_start(workdir, tcp_port, public_key, secret_key)
+        tcp_port_list, udp_port = _pick_ports(tcp_ports if tcp_relay else 0)
+        (workdir / CONF_NAME).write_text(_config_text(udp_port, tcp_port_list, bootstrap_nodes))
+        relay, error = _try_start(workdir, tcp_port_list, public_key, secret_key)
         if relay is not None:
             return relay
-        failures.append(f"--- attempt {attempt} (tcp {tcp_port}, udp {udp_port}): {error}")
+        failures.append(f"--- attempt {attempt} (tcp {tcp_port_list}, udp {udp_port}): {error}")
     raise RuntimeError(
         f"tox-bootstrapd failed to start after {attempts} attempts in {workdir}:\n"
         + "\n".join(failures)
@@ -171,7 +200,19 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _config_text(udp_port: int, tcp_port: int) -> str:
+def _config_text(
+    udp_port: int, tcp_ports: Sequence[int], bootstrap_nodes: Sequence[DhtNode] = ()
+) -> str:
+    """libconfig text; no ``tcp_ports`` switches the TCP relay off."""
+    port_list = ", ".join(str(port) for port in tcp_ports)
+    tcp = f"enable_tcp_relay = true\ntcp_relay_ports = [{port_list}]\n"
+    if not tcp_ports:
+        tcp = "enable_tcp_relay = false\n"
+    nodes = ",\n".join(
+        f'  {{ address = "{node.host}"; port = {node.port}; '
+        f'public_key = "{node.public_key.hex().upper()}"; }}'
+        for node in bootstrap_nodes
+    )
     return (
         f"port = {udp_port}\n"
         f'keys_file_path = "{KEYS_NAME}"\n'
@@ -179,10 +220,9 @@ def _config_text(udp_port: int, tcp_port: int) -> str:
         "enable_ipv6 = false\n"
         "enable_ipv4_fallback = false\n"
         "enable_lan_discovery = false\n"
-        "enable_tcp_relay = true\n"
-        f"tcp_relay_ports = [{tcp_port}]\n"
+        f"{tcp}"
         "enable_motd = false\n"
-        "bootstrap_nodes = ()\n"
+        f"bootstrap_nodes = ({nodes and chr(10) + nodes + chr(10)})\n"
     )
 
 
@@ -233,12 +273,14 @@ def _free_port(kind: int, busy: set[int]) -> int:
     raise RuntimeError("could not find a free port")
 
 
-def _pick_ports() -> tuple[int, int]:
+def _pick_ports(tcp_count: int = 1) -> tuple[list[int], int]:
     busy = _ports_in_use()
-    tcp_port = _free_port(socket.SOCK_STREAM, busy)
-    busy.add(tcp_port)
+    tcp_ports = []
+    for _ in range(tcp_count):
+        tcp_ports.append(_free_port(socket.SOCK_STREAM, busy))
+        busy.add(tcp_ports[-1])
     udp_port = _free_port(socket.SOCK_DGRAM, busy)
-    return tcp_port, udp_port
+    return tcp_ports, udp_port
 
 
 def _read(path: Path) -> bytes:
@@ -318,7 +360,7 @@ def _udp_port_of(pid: int) -> int | None:
 
 
 def _try_start(
-    workdir: Path, tcp_port: int, public_key: bytes, secret_key: bytes
+    workdir: Path, tcp_ports: list[int], public_key: bytes, secret_key: bytes
 ) -> tuple[ReferenceRelay | None, str]:
     """One start attempt; returns (relay, "") or (None, reason-with-logs)."""
     out_path, err_path = workdir / STDOUT_NAME, workdir / STDERR_NAME
@@ -359,8 +401,8 @@ def _try_start(
             printed = bytes.fromhex(match.group(1).decode())
             if printed != public_key:
                 reason = f"printed public key {printed.hex()} != expected {public_key.hex()}"
-            elif not _tcp_accepts(tcp_port, deadline):
-                reason = f"TCP port {tcp_port} does not accept connections"
+            elif refused := [port for port in tcp_ports if not _tcp_accepts(port, deadline)]:
+                reason = f"TCP port(s) {refused} do not accept connections"
             elif proc.poll() is not None:
                 reason = f"exited with code {proc.returncode}"
             else:
@@ -370,7 +412,8 @@ def _try_start(
                 else:
                     relay = ReferenceRelay(
                         host=HOST,
-                        port=tcp_port,
+                        port=tcp_ports[0] if tcp_ports else 0,
+                        ports=list(tcp_ports),
                         udp_port=udp_port,
                         public_key=public_key,
                         secret_key=secret_key,
