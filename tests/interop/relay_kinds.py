@@ -16,8 +16,11 @@ Used by ``tests/interop/test_friends_end_to_end.py`` and ``ops/bench/friends_com
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +49,8 @@ class RelayUnderTest:
     logs: Callable[[], str]
     stop: Callable[[], object]
     shard_ports: dict[int, int] = field(default_factory=dict)
+    # Ours only: `cluster status --json` totals (what the relay itself counted).
+    status_totals: Callable[[], dict] | None = None
 
 
 def start_relay_under_test(kind: str, workdir: Path) -> RelayUnderTest:
@@ -91,7 +96,20 @@ def start_relay_under_test(kind: str, workdir: Path) -> RelayUnderTest:
         logs=lambda: "\n".join(relay.stdout_lines) + "\n" + relay.stderr_text(),
         stop=relay.stop,
         shard_ports=shard_ports,
+        status_totals=lambda: _status_totals(relay),
     )
+
+
+def _status_totals(relay: RelayProcess) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "status", "--json"],
+        cwd=relay.workdir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return json.loads(result.stdout)["totals"]
 
 
 def _shard_ports(relay: RelayProcess) -> dict[int, int]:

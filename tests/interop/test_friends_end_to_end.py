@@ -20,7 +20,8 @@ a busy 2-core machine (about 9-10 s of it until the friends are connected).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,6 @@ from tests.support.bootstrapd import BOOTSTRAPD_PATH, _in_ci, bootstrapd_availab
 from tests.support.toxdht import PrivateDht
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow, pytest.mark.timeout(110)]
-
-ONION_NOT_FORWARDED = pytest.mark.xfail(reason="onion forwarding not implemented yet", strict=False)
 
 
 @pytest.fixture(autouse=True)
@@ -55,9 +54,9 @@ def _toxcore_installed() -> None:
     params=[
         "bootstrapd",
         "bootstrapd-2ports",
-        pytest.param("ours-1w", marks=ONION_NOT_FORWARDED),
-        pytest.param("ours-2w", marks=ONION_NOT_FORWARDED),
-        pytest.param("ours-2w-cross", marks=ONION_NOT_FORWARDED),
+        "ours-1w",
+        "ours-2w",
+        "ours-2w-cross",
     ]
 )
 def relay_under_test(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RelayUnderTest]:
@@ -76,6 +75,16 @@ def describe(result: FriendsResult) -> str:
         f"{result.rtt_p95 * 1000:.1f} ms ({len(result.rtts)}); file {result.file_size} B "
         f"in {result.file_s:.2f} s = {result.file_mb_per_s:.2f} MB/s"
     )
+
+
+def wait_for_counters(status_totals: Callable[[], dict], file_size: int) -> dict:
+    """The totals once the workers' 1 s reports include the file transfer."""
+    deadline = time.monotonic() + 5
+    while True:
+        totals = status_totals()
+        if totals["relayed_packets"] * 1300 >= file_size or time.monotonic() > deadline:
+            return totals
+        time.sleep(0.3)
 
 
 def test_two_toxcore_clients_become_friends_and_talk_through_the_relay(
@@ -101,3 +110,9 @@ def test_two_toxcore_clients_become_friends_and_talk_through_the_relay(
     assert remote_ports == expected, result.sockets
     if relay.shard_ports:  # A and B on different shards: the traffic crossed shards
         assert relay.endpoint_a.port != relay.endpoint_b.port
+    if relay.status_totals is not None:
+        # Our relay's own counters: the clients found each other through its
+        # onion first hop (type 8 out, type 9 back) and their data went through it.
+        totals = wait_for_counters(relay.status_totals, result.file_size)
+        assert totals["onion_requests"] > 0 and totals["onion_replies"] > 0, totals
+        assert totals["relayed_packets"] > 0, totals
