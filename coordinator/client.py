@@ -64,7 +64,8 @@ class CoordinatorClient:
         self.syncing = False
         self.merge_next_snapshot = False
         self._buffered: list[tuple[int, tuple]] = []
-        self._pending_events: list[list] = []
+        self._pending_events: list[tuple] = []
+        self._events_flush_scheduled = False
         self.resyncs = 0
         self.events_dropped = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -88,9 +89,19 @@ class CoordinatorClient:
         return True
 
     def send_events(self, events: list[tuple]) -> None:
-        """REGISTER / UNREGISTER events; kept (bounded) while the socket is full."""
+        """Queue REGISTER / UNREGISTER events; they leave at the end of this
+        event-loop turn, all of the turn's events in one message (a connection
+        confirmed or closed no longer costs a ZeroMQ send of its own: see
+        docs/benchmarks.md, handshakes/s). Kept (bounded) while the socket is full."""
         if events:
             self._pending_events.extend(events)
+        if self._pending_events and not self._events_flush_scheduled:
+            self._events_flush_scheduled = True
+            self.loop.call_soon(self.flush_events)
+
+    def flush_events(self) -> None:
+        """Send the queued events now, in order, as one message."""
+        self._events_flush_scheduled = False
         if not self._pending_events:
             return
         if self._send(["events", self.shard, self._pending_events]):
@@ -102,7 +113,7 @@ class CoordinatorClient:
 
     def _heartbeat(self) -> None:
         self._send(["heartbeat", self.shard])
-        self.send_events([])
+        self.flush_events()  # retries what a full socket held back
         self._timer = self.loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
 
     def _request_snapshot(self, merge: bool) -> None:
@@ -144,6 +155,7 @@ class CoordinatorClient:
             self.send_events(
                 [(Registry.REGISTER, key, epoch) for key, epoch in self.handler.registrations()]
             )
+            self.flush_events()  # the re-registrations go before the snapshot request
             self._request_snapshot(merge=True)
         return restarted
 
@@ -196,7 +208,7 @@ class CoordinatorClient:
     def close(self, linger_ms: int = 0) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self.send_events([])
+        self.flush_events()
         for sock in (self.dealer, self.subscriber):
             with contextlib.suppress(zmq.ZMQError, ValueError):
                 self.loop.remove_reader(sock.getsockopt(zmq.FD))

@@ -79,14 +79,29 @@ class CoordinatorService:
         _bind(self.publisher, updates_endpoint(runtime_dir))
         self.running = True
         self.updates_published = 0
+        self._unpublished: list[tuple[int, tuple]] = []  # sequenced, not yet sent
         self.parent = os.getppid()  # a coordinator whose supervisor died stops too
 
     def _publish(self, updates: list[tuple[int, tuple]]) -> None:
+        """Queue sequenced updates; ``_flush_updates`` sends them."""
+        self._unpublished += updates
+
+    def _flush_updates(self) -> None:
+        """Publish every queued update, in sequence order, as one "u" message.
+
+        Called after each batch of received messages and before anything that
+        states a sequence number (heartbeat, snapshot), so a replica never sees
+        a sequence it has not been sent yet. One message per batch instead of
+        one per worker message: the coordinator's PUB send was its main cost
+        at high connection rates (docs/benchmarks.md, handshakes/s)."""
+        updates = self._unpublished
         if updates:
+            self._unpublished = []
             self.publisher.send(pack(["u", self.incarnation, updates]))
             self.updates_published += len(updates)
 
     def _heartbeat(self) -> None:
+        self._flush_updates()
         report = {
             "map_size": len(self.directory.entries),
             "sequence": self.directory.sequence,
@@ -114,6 +129,7 @@ class CoordinatorService:
             self.last_seen[shard] = now
             self.identities[shard] = identity
         elif kind == "snapshot":
+            self._flush_updates()
             self.directory.resyncs += 1
             sequence, entries = self.directory.snapshot()
             self.router.send_multipart(
@@ -174,6 +190,7 @@ class CoordinatorService:
                 for shard, seen in list(self.last_seen.items()):
                     if now - seen > WORKER_SILENCE_LIMIT:
                         self._drop(shard, f"silent for {now - seen:.1f} s")
+                self._flush_updates()
             timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000))
             try:
                 ready = dict(poller.poll(timeout_ms))
@@ -193,6 +210,7 @@ class CoordinatorService:
                         log.warning("undecodable message dropped")
                         continue
                     self._handle(identity, message)
+                self._flush_updates()
 
     def close(self) -> None:
         self.router.close()
