@@ -1,7 +1,7 @@
 """Batching between the workers and the coordinator (issue 5, handshakes/s).
 
 A worker sends all of one event-loop turn's REGISTER / UNREGISTER events in
-one message; the coordinator publishes all updates of one batch of received
+one message, at most one message per EVENTS_MIN_INTERVAL; the coordinator publishes all updates of one batch of received
 messages in one "u" message. A "u" message therefore carries a range of
 sequence numbers, and the replica's gap detection must still work inside it.
 Real ZeroMQ sockets in a temporary runtime directory, no worker processes.
@@ -13,8 +13,10 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
 import zmq
 
+from coordinator import client as coordinator_client
 from coordinator.client import CoordinatorClient, ReplicaHandler
 from coordinator.service import CoordinatorService, router_endpoint, unpack, updates_endpoint
 from relaycore.shardlink import MapUpdate, Registry
@@ -111,6 +113,37 @@ def test_one_turns_events_leave_in_one_message_in_order(tmp_path: Path) -> None:
                     [*events[4]],
                 ],
             ]
+        ]
+    finally:
+        client.close()
+        loop.close()
+        coordinator.close()
+
+
+def test_events_soon_after_a_message_wait_and_leave_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most one events message per EVENTS_MIN_INTERVAL: what comes in the
+    meantime waits, then leaves in one message."""
+    interval = 0.3  # long enough for a loaded machine
+    monkeypatch.setattr(coordinator_client, "EVENTS_MIN_INTERVAL", interval)
+    coordinator = FakeCoordinator(tmp_path)
+    loop = asyncio.new_event_loop()
+    client = _client(tmp_path, loop)
+    try:
+        client.send_events([(Registry.REGISTER, KEYS[0], 0)])
+        loop.run_until_complete(asyncio.sleep(0))  # end of turn: the first leaves
+        client.send_events([(Registry.REGISTER, KEYS[1], 1)])
+        loop.run_until_complete(asyncio.sleep(0))
+        client.send_events([(Registry.UNREGISTER, KEYS[0], 0)])
+        loop.run_until_complete(asyncio.sleep(0))
+        assert client._pending_events  # held: the last message left just now
+        loop.run_until_complete(asyncio.sleep(interval * 1.5))
+        assert not client._pending_events
+        messages = [m for m in coordinator.received() if m[0] == "events"]
+        assert messages == [
+            ["events", SHARD, [[Registry.REGISTER, KEYS[0], 0]]],
+            ["events", SHARD, [[Registry.REGISTER, KEYS[1], 1], [Registry.UNREGISTER, KEYS[0], 0]]],
         ]
     finally:
         client.close()
