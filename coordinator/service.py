@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
@@ -31,6 +32,9 @@ log = logging.getLogger("coordinator")
 
 HEARTBEAT_INTERVAL = 0.5  # seconds between PUB heartbeats
 WORKER_SILENCE_LIMIT = 3.0  # a worker silent this long is dropped
+# Map updates are published at most once per this many seconds (leading edge:
+# the first after a quiet spell leaves at once); see _publish_due.
+PUBLISH_MIN_INTERVAL = 0.002
 
 
 def router_endpoint(runtime_dir: Path) -> str:
@@ -80,6 +84,7 @@ class CoordinatorService:
         self.running = True
         self.updates_published = 0
         self._unpublished: list[tuple[int, tuple]] = []  # sequenced, not yet sent
+        self._published_at = -PUBLISH_MIN_INTERVAL  # monotonic time of the last "u"
         self.parent = os.getppid()  # a coordinator whose supervisor died stops too
 
     def _publish(self, updates: list[tuple[int, tuple]]) -> None:
@@ -99,6 +104,20 @@ class CoordinatorService:
             self._unpublished = []
             self.publisher.send(pack(["u", self.incarnation, updates]))
             self.updates_published += len(updates)
+            self._published_at = time.monotonic()
+
+    def _publish_due(self) -> float | None:
+        """Publish the queued updates unless the last "u" message left less
+        than PUBLISH_MIN_INTERVAL ago; returns when to come back (monotonic
+        time) while some are held, else None. Every publication wakes every
+        worker, so under load they go out together, at most one per interval."""
+        if not self._unpublished:
+            return None
+        due = self._published_at + PUBLISH_MIN_INTERVAL
+        if time.monotonic() >= due:
+            self._flush_updates()
+            return None
+        return due
 
     def _heartbeat(self) -> None:
         self._flush_updates()
@@ -191,7 +210,11 @@ class CoordinatorService:
                     if now - seen > WORKER_SILENCE_LIMIT:
                         self._drop(shard, f"silent for {now - seen:.1f} s")
                 self._flush_updates()
-            timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000))
+            wake_at = next_heartbeat
+            publish_at = self._publish_due()
+            if publish_at is not None:
+                wake_at = min(wake_at, publish_at)
+            timeout_ms = max(0, math.ceil((wake_at - time.monotonic()) * 1000))
             try:
                 ready = dict(poller.poll(timeout_ms))
             except zmq.ZMQError:
@@ -210,7 +233,6 @@ class CoordinatorService:
                         log.warning("undecodable message dropped")
                         continue
                     self._handle(identity, message)
-                self._flush_updates()
 
     def close(self) -> None:
         self.router.close()

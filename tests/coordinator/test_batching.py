@@ -1,8 +1,9 @@
 """Batching between the workers and the coordinator (issue 5, handshakes/s).
 
 A worker sends all of one event-loop turn's REGISTER / UNREGISTER events in
-one message, at most one message per EVENTS_MIN_INTERVAL; the coordinator publishes all updates of one batch of received
-messages in one "u" message. A "u" message therefore carries a range of
+one message, at most one message per EVENTS_MIN_INTERVAL; the coordinator
+publishes the updates of what it received in one "u" message, at most one
+per PUBLISH_MIN_INTERVAL. A "u" message therefore carries a range of
 sequence numbers, and the replica's gap detection must still work inside it.
 Real ZeroMQ sockets in a temporary runtime directory, no worker processes.
 """
@@ -17,6 +18,7 @@ import pytest
 import zmq
 
 from coordinator import client as coordinator_client
+from coordinator import service as coordinator_service
 from coordinator.client import CoordinatorClient, ReplicaHandler
 from coordinator.service import CoordinatorService, router_endpoint, unpack, updates_endpoint
 from relaycore.shardlink import MapUpdate, Registry
@@ -328,5 +330,33 @@ def test_a_snapshot_is_never_ahead_of_the_published_updates(tmp_path: Path) -> N
         assert reply[:3] == ["snapshot", service.incarnation, 1]
     finally:
         dealer.close()
+        subscriber.close()
+        service.close()
+
+
+def test_publications_soon_after_one_wait_and_leave_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    interval = 0.3  # long enough for a loaded machine
+    monkeypatch.setattr(coordinator_service, "PUBLISH_MIN_INTERVAL", interval)
+    service = CoordinatorService(tmp_path)
+    subscriber = _subscribed(service)
+    try:
+        service._handle(b"w1", ["events", 1, [[Registry.REGISTER, KEYS[0], 11]]])
+        assert service._publish_due() is None  # nothing published for a while: at once
+        service._handle(b"w1", ["events", 1, [[Registry.REGISTER, KEYS[1], 12]]])
+        service._handle(b"w2", ["events", 2, [[Registry.REGISTER, KEYS[2], 21]]])
+        due = service._publish_due()
+        assert due is not None and due > time.monotonic()  # held
+        time.sleep(interval * 1.2)
+        assert service._publish_due() is None
+        assert [m[2] for m in _publications(subscriber)] == [
+            [[1, [MapUpdate.SET, KEYS[0], 1, 11, None, None]]],
+            [
+                [2, [MapUpdate.SET, KEYS[1], 1, 12, None, None]],
+                [3, [MapUpdate.SET, KEYS[2], 2, 21, None, None]],
+            ],
+        ]
+    finally:
         subscriber.close()
         service.close()
