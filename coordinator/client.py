@@ -98,10 +98,11 @@ class CoordinatorClient:
         message left less than EVENTS_MIN_INTERVAL ago, that long after it.
 
         A connection confirmed or closed used to cost a ZeroMQ send of its own,
-        and a send to an idle pipe wakes libzmq's I/O thread (~25 us here):
-        20% of a worker under ``cluster loadtest handshake``. At a low rate an
-        event still leaves at the end of its turn. Kept (bounded) while the
-        socket is full."""
+        and a send to an idle pipe wakes libzmq's I/O thread: ~25 us on a quiet
+        machine, 60 us of CPU and over 1 ms of wall time (preempted) on a busy
+        one; 20% of a worker's samples under ``cluster loadtest handshake``.
+        At a low rate an event still leaves at the end of its turn. Kept
+        (bounded) while the socket is full."""
         if events:
             self._pending_events.extend(events)
         if self._pending_events and self._events_flush is None:
