@@ -17,6 +17,7 @@ from pathlib import Path
 
 import zmq
 
+from coordinator.pacing import Pacer
 from coordinator.service import pack, router_endpoint, unpack, updates_endpoint
 from relaycore.shardlink import Registry
 
@@ -25,9 +26,11 @@ log = logging.getLogger("coordinator.client")
 HEARTBEAT_INTERVAL = 1.0
 MAX_BUFFERED_UPDATES = 200_000
 MAX_PENDING_EVENTS = 1_000_000
-# Registry events leave at most once per this many seconds (the rest wait and
-# go together); see CoordinatorClient.send_events.
-EVENTS_MIN_INTERVAL = 0.002
+# Registry events messages: EVENTS_BURST in a row leave at once, then at most
+# one per EVENTS_MIN_INTERVAL seconds (the rest wait and go together); see
+# CoordinatorClient.send_events and coordinator.pacing.
+EVENTS_MIN_INTERVAL = 0.005
+EVENTS_BURST = 10
 
 
 class ReplicaHandler:
@@ -69,7 +72,7 @@ class CoordinatorClient:
         self._buffered: list[tuple[int, tuple]] = []
         self._pending_events: list[tuple] = []
         self._events_flush: asyncio.Handle | None = None  # a flush_events to come
-        self._events_sent_at = -EVENTS_MIN_INTERVAL  # loop time of the last events message
+        self._events_pacer = Pacer(EVENTS_MIN_INTERVAL, EVENTS_BURST)
         self.resyncs = 0
         self.events_dropped = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -94,8 +97,9 @@ class CoordinatorClient:
 
     def send_events(self, events: list[tuple]) -> None:
         """Queue REGISTER / UNREGISTER events; they leave together, in order,
-        in one message: at the end of this event-loop turn, or when the last
-        message left less than EVENTS_MIN_INTERVAL ago, that long after it.
+        in one message: at the end of this event-loop turn, or, when more than
+        EVENTS_BURST messages left in the last few EVENTS_MIN_INTERVAL, when
+        the pacer allows the next one.
 
         A connection confirmed or closed used to cost a ZeroMQ send of its own,
         and a send to an idle pipe wakes libzmq's I/O thread: ~25 us on a quiet
@@ -106,7 +110,7 @@ class CoordinatorClient:
         if events:
             self._pending_events.extend(events)
         if self._pending_events and self._events_flush is None:
-            wait = self._events_sent_at + EVENTS_MIN_INTERVAL - self.loop.time()
+            wait = self._events_pacer.wait(self.loop.time())
             if wait > 0:
                 self._events_flush = self.loop.call_later(wait, self.flush_events)
             else:
@@ -120,7 +124,7 @@ class CoordinatorClient:
         if not self._pending_events:
             return
         if self._send(["events", self.shard, self._pending_events]):
-            self._events_sent_at = self.loop.time()
+            self._events_pacer.sent(self.loop.time())
             self._pending_events = []
         elif len(self._pending_events) > MAX_PENDING_EVENTS:
             self.events_dropped += len(self._pending_events)

@@ -26,15 +26,17 @@ import msgpack
 import zmq
 
 from coordinator.directory import Directory
+from coordinator.pacing import Pacer
 from worker.logs import configure_logging
 
 log = logging.getLogger("coordinator")
 
 HEARTBEAT_INTERVAL = 0.5  # seconds between PUB heartbeats
 WORKER_SILENCE_LIMIT = 3.0  # a worker silent this long is dropped
-# Map updates are published at most once per this many seconds (leading edge:
-# the first after a quiet spell leaves at once); see _publish_due.
-PUBLISH_MIN_INTERVAL = 0.002
+# Map update publications: PUBLISH_BURST in a row leave at once, then at most
+# one per PUBLISH_MIN_INTERVAL seconds; see _publish_due and coordinator.pacing.
+PUBLISH_MIN_INTERVAL = 0.005
+PUBLISH_BURST = 10
 
 
 def router_endpoint(runtime_dir: Path) -> str:
@@ -84,7 +86,7 @@ class CoordinatorService:
         self.running = True
         self.updates_published = 0
         self._unpublished: list[tuple[int, tuple]] = []  # sequenced, not yet sent
-        self._published_at = -PUBLISH_MIN_INTERVAL  # monotonic time of the last "u"
+        self._publish_pacer = Pacer(PUBLISH_MIN_INTERVAL, PUBLISH_BURST)
         self.parent = os.getppid()  # a coordinator whose supervisor died stops too
 
     def _publish(self, updates: list[tuple[int, tuple]]) -> None:
@@ -104,20 +106,22 @@ class CoordinatorService:
             self._unpublished = []
             self.publisher.send(pack(["u", self.incarnation, updates]))
             self.updates_published += len(updates)
-            self._published_at = time.monotonic()
+            self._publish_pacer.sent(time.monotonic())
 
     def _publish_due(self) -> float | None:
-        """Publish the queued updates unless the last "u" message left less
-        than PUBLISH_MIN_INTERVAL ago; returns when to come back (monotonic
-        time) while some are held, else None. Every publication wakes every
-        worker, so under load they go out together, at most one per interval."""
+        """Publish the queued updates unless the pacer holds them (more than
+        PUBLISH_BURST publications lately); returns when to come back
+        (monotonic time) while some are held, else None. Every publication
+        wakes every worker, so under load they go out together, at most one
+        per PUBLISH_MIN_INTERVAL."""
         if not self._unpublished:
             return None
-        due = self._published_at + PUBLISH_MIN_INTERVAL
-        if time.monotonic() >= due:
+        now = time.monotonic()
+        wait = self._publish_pacer.wait(now)
+        if wait <= 0:
             self._flush_updates()
             return None
-        return due
+        return now + wait
 
     def _heartbeat(self) -> None:
         self._flush_updates()
@@ -129,6 +133,18 @@ class CoordinatorService:
         }
         with contextlib.suppress(zmq.Again):
             self.reporter.send(pack(["coordinator", report]), zmq.NOBLOCK)
+        self._announce()
+
+    def _announce(self) -> None:
+        """Publish the heartbeat: incarnation, last sequence, live shards.
+
+        Also sent at once when the set of live shards changes and after a
+        snapshot reply, not only every HEARTBEAT_INTERVAL: a shard that does
+        not know a key yet (its SET may be held up to PUBLISH_MIN_INTERVAL)
+        offers OOB packets for it to every live shard, and just after a start
+        or a worker restart that list would otherwise be empty or stale for
+        up to half a second."""
+        self._flush_updates()  # never state a sequence not yet published
         self.publisher.send(
             pack(["hb", self.incarnation, self.directory.sequence, sorted(self.last_seen)])
         )
@@ -138,15 +154,21 @@ class CoordinatorService:
         now = time.monotonic()
         if kind == "events":
             _, shard, events = message
+            joined = shard not in self.last_seen
             self.last_seen[shard] = now
             updates: list[tuple[int, tuple]] = []
             for event in events:
                 updates += self.directory.apply_event(shard, tuple(event))
             self._publish(updates)
+            if joined:
+                self._announce()
         elif kind == "heartbeat" or kind == "hello":
             shard = message[1]
+            joined = shard not in self.last_seen
             self.last_seen[shard] = now
             self.identities[shard] = identity
+            if joined:
+                self._announce()
         elif kind == "snapshot":
             self._flush_updates()
             self.directory.resyncs += 1
@@ -154,6 +176,7 @@ class CoordinatorService:
             self.router.send_multipart(
                 [identity, pack(["snapshot", self.incarnation, sequence, entries])]
             )
+            self._announce()  # the requester may have missed the last heartbeat
         elif kind == "drop":
             self._drop(message[1], "worker exited")
         elif kind == "stats":
@@ -185,6 +208,7 @@ class CoordinatorService:
         self.identities.pop(shard, None)
         log.info("dropping shard %d (%s)", shard, why)
         self._publish(self.directory.drop_shard(shard))
+        self._announce()
 
     def run(self) -> None:
         poller = zmq.Poller()

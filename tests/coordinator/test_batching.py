@@ -125,10 +125,11 @@ def test_one_turns_events_leave_in_one_message_in_order(tmp_path: Path) -> None:
 def test_events_soon_after_a_message_wait_and_leave_together(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """At most one events message per EVENTS_MIN_INTERVAL: what comes in the
-    meantime waits, then leaves in one message."""
+    """Past the burst, at most one events message per EVENTS_MIN_INTERVAL:
+    what comes in the meantime waits, then leaves in one message."""
     interval = 0.3  # long enough for a loaded machine
     monkeypatch.setattr(coordinator_client, "EVENTS_MIN_INTERVAL", interval)
+    monkeypatch.setattr(coordinator_client, "EVENTS_BURST", 1)
     coordinator = FakeCoordinator(tmp_path)
     loop = asyncio.new_event_loop()
     client = _client(tmp_path, loop)
@@ -262,11 +263,19 @@ def _publications(subscriber: zmq.Socket) -> list[list]:
     return [unpack(frames[0]) for frames in _recv_all(subscriber)]
 
 
+def _joined(service: CoordinatorService, subscriber: zmq.Socket, *shards: int) -> None:
+    """Shards say hello (each announced at once); what that published is read."""
+    for shard in shards:
+        service._handle(f"w{shard}".encode(), ["hello", shard])
+    _recv_all(subscriber, settle_s=0.1)
+
+
 def test_the_coordinator_publishes_one_message_per_batch_with_contiguous_sequences(
     tmp_path: Path,
 ) -> None:
     service = CoordinatorService(tmp_path)
     subscriber = _subscribed(service)
+    _joined(service, subscriber, 1, 2)
     try:
         service._handle(b"w1", ["events", 1, [[Registry.REGISTER, KEYS[0], 11]]])
         service._handle(b"w2", ["events", 2, [[Registry.REGISTER, KEYS[1], 21]]])
@@ -303,6 +312,7 @@ def test_the_heartbeat_never_announces_a_sequence_not_yet_published(tmp_path: Pa
     queued updates must leave before the heartbeat that counts them."""
     service = CoordinatorService(tmp_path)
     subscriber = _subscribed(service)
+    _joined(service, subscriber, 1, 2)
     try:
         service._handle(b"w1", ["events", 1, [[Registry.REGISTER, KEYS[0], 11]]])
         service._heartbeat()
@@ -317,6 +327,7 @@ def test_the_heartbeat_never_announces_a_sequence_not_yet_published(tmp_path: Pa
 def test_a_snapshot_is_never_ahead_of_the_published_updates(tmp_path: Path) -> None:
     service = CoordinatorService(tmp_path)
     subscriber = _subscribed(service)
+    _joined(service, subscriber, 1, 2)
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(router_endpoint(tmp_path))
@@ -325,7 +336,11 @@ def test_a_snapshot_is_never_ahead_of_the_published_updates(tmp_path: Path) -> N
         dealer.send(b"")  # gives the ROUTER an identity to answer
         identity, _ = service.router.recv_multipart()
         service._handle(identity, ["snapshot"])
-        assert [m[0] for m in _publications(subscriber)] == ["u"]
+        # The update first, then a heartbeat for the requester (it may have
+        # missed the last one) that states no later sequence.
+        publications = _publications(subscriber)
+        assert [m[0] for m in publications] == ["u", "hb"]
+        assert publications[1][2] == 1
         reply = unpack(dealer.recv())
         assert reply[:3] == ["snapshot", service.incarnation, 1]
     finally:
@@ -339,8 +354,10 @@ def test_publications_soon_after_one_wait_and_leave_together(
 ) -> None:
     interval = 0.3  # long enough for a loaded machine
     monkeypatch.setattr(coordinator_service, "PUBLISH_MIN_INTERVAL", interval)
+    monkeypatch.setattr(coordinator_service, "PUBLISH_BURST", 1)
     service = CoordinatorService(tmp_path)
     subscriber = _subscribed(service)
+    _joined(service, subscriber, 1, 2)
     try:
         service._handle(b"w1", ["events", 1, [[Registry.REGISTER, KEYS[0], 11]]])
         assert service._publish_due() is None  # nothing published for a while: at once
@@ -357,6 +374,32 @@ def test_publications_soon_after_one_wait_and_leave_together(
                 [3, [MapUpdate.SET, KEYS[2], 2, 21, None, None]],
             ],
         ]
+    finally:
+        subscriber.close()
+        service.close()
+
+
+def test_a_new_shard_and_a_dropped_one_are_announced_at_once(tmp_path: Path) -> None:
+    """While a SET may be held, a shard offers OOB for keys it does not know
+    to every live shard: that list must not wait for the next heartbeat."""
+    service = CoordinatorService(tmp_path)
+    subscriber = _subscribed(service)
+    try:
+        service._handle(b"w1", ["hello", 1])
+        service._handle(b"w1", ["events", 1, [[Registry.REGISTER, KEYS[0], 11]]])
+        service._handle(b"w2", ["hello", 2])
+        service._handle(b"w2", ["heartbeat", 2])  # known already: nothing new to say
+        service._handle(b"", ["drop", 1])
+        messages = [m for m in _publications(subscriber)]
+        heartbeats = [m[3] for m in messages if m[0] == "hb"]
+        assert heartbeats == [[1], [1, 2], [2]]
+        # Every heartbeat's sequence was published before it.
+        published = 0
+        for message in messages:
+            if message[0] == "u":
+                published = message[2][-1][0]
+            else:
+                assert message[2] <= published or message[2] == 0
     finally:
         subscriber.close()
         service.close()
