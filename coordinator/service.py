@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import time
@@ -25,12 +26,17 @@ import msgpack
 import zmq
 
 from coordinator.directory import Directory
+from coordinator.pacing import Pacer
 from worker.logs import configure_logging
 
 log = logging.getLogger("coordinator")
 
 HEARTBEAT_INTERVAL = 0.5  # seconds between PUB heartbeats
 WORKER_SILENCE_LIMIT = 3.0  # a worker silent this long is dropped
+# Map update publications: PUBLISH_BURST in a row leave at once, then at most
+# one per PUBLISH_MIN_INTERVAL seconds; see _publish_due and coordinator.pacing.
+PUBLISH_MIN_INTERVAL = 0.005
+PUBLISH_BURST = 10
 
 
 def router_endpoint(runtime_dir: Path) -> str:
@@ -80,14 +86,46 @@ class CoordinatorService:
         _bind(self.publisher, updates_endpoint(runtime_dir))
         self.running = True
         self.updates_published = 0
+        self._unpublished: list[tuple[int, tuple]] = []  # sequenced, not yet sent
+        self._publish_pacer = Pacer(PUBLISH_MIN_INTERVAL, PUBLISH_BURST)
         self.parent = os.getppid()  # a coordinator whose supervisor died stops too
 
     def _publish(self, updates: list[tuple[int, tuple]]) -> None:
+        """Queue sequenced updates; ``_flush_updates`` sends them."""
+        self._unpublished += updates
+
+    def _flush_updates(self) -> None:
+        """Publish every queued update, in sequence order, as one "u" message.
+
+        Called after each batch of received messages and before anything that
+        states a sequence number (heartbeat, snapshot), so a replica never sees
+        a sequence it has not been sent yet. One message per batch instead of
+        one per worker message: the coordinator's PUB send was its main cost
+        at high connection rates (docs/benchmarks.md, handshakes/s)."""
+        updates = self._unpublished
         if updates:
+            self._unpublished = []
             self.publisher.send(pack(["u", self.incarnation, updates]))
             self.updates_published += len(updates)
+            self._publish_pacer.sent(time.monotonic())
+
+    def _publish_due(self) -> float | None:
+        """Publish the queued updates unless the pacer holds them (more than
+        PUBLISH_BURST publications lately); returns when to come back
+        (monotonic time) while some are held, else None. Every publication
+        wakes every worker, so under load they go out together, at most one
+        per PUBLISH_MIN_INTERVAL."""
+        if not self._unpublished:
+            return None
+        now = time.monotonic()
+        wait = self._publish_pacer.wait(now)
+        if wait <= 0:
+            self._flush_updates()
+            return None
+        return now + wait
 
     def _heartbeat(self) -> None:
+        self._flush_updates()
         report = {
             "map_size": len(self.directory.entries),
             "sequence": self.directory.sequence,
@@ -96,6 +134,18 @@ class CoordinatorService:
         }
         with contextlib.suppress(zmq.Again):
             self.reporter.send(pack(["coordinator", report]), zmq.NOBLOCK)
+        self._announce()
+
+    def _announce(self) -> None:
+        """Publish the heartbeat: incarnation, last sequence, live shards.
+
+        Also sent at once when the set of live shards changes and after a
+        snapshot reply, not only every HEARTBEAT_INTERVAL: a shard that does
+        not know a key yet (its SET may be held up to PUBLISH_MIN_INTERVAL)
+        offers OOB packets for it to every live shard, and just after a start
+        or a worker restart that list would otherwise be empty or stale for
+        up to half a second."""
+        self._flush_updates()  # never state a sequence not yet published
         self.publisher.send(
             pack(["hb", self.incarnation, self.directory.sequence, sorted(self.last_seen)])
         )
@@ -109,22 +159,30 @@ class CoordinatorService:
             return
         if kind == "events":
             _, shard, events = message
+            joined = shard not in self.last_seen
             self.last_seen[shard] = now
             updates: list[tuple[int, tuple]] = []
             for event in events:
                 updates += self.directory.apply_event(shard, tuple(event))
             self._publish(updates)
+            if joined:
+                self._announce()
         elif kind == "heartbeat" or kind == "hello":
             shard = message[1]
+            joined = shard not in self.last_seen
             self.last_seen[shard] = now
             self.identities[shard] = identity
+            if joined:
+                self._announce()
         elif kind == "snapshot":  # ["snapshot", request number], echoed back
+            self._flush_updates()
             self.directory.resyncs += 1
             sequence, entries = self.directory.snapshot()
             request = message[1] if len(message) > 1 else None
             self.router.send_multipart(
                 [identity, pack(["snapshot", self.incarnation, sequence, entries, request])]
             )
+            self._announce()  # the requester may have missed the last heartbeat
         elif kind == "drop":
             self._drop(message[1], "worker exited", exited=True)
         elif kind == "stats":
@@ -163,6 +221,7 @@ class CoordinatorService:
         self.identities.pop(shard, None)
         log.info("dropping shard %d (%s)", shard, why)
         self._publish(self.directory.drop_shard(shard, exited))
+        self._announce()
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -187,7 +246,12 @@ class CoordinatorService:
                 for shard, seen in list(self.last_seen.items()):
                     if now - seen > WORKER_SILENCE_LIMIT:
                         self._drop(shard, f"silent for {now - seen:.1f} s", exited=False)
-            timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000))
+                self._flush_updates()
+            wake_at = next_heartbeat
+            publish_at = self._publish_due()
+            if publish_at is not None:
+                wake_at = min(wake_at, publish_at)
+            timeout_ms = max(0, math.ceil((wake_at - time.monotonic()) * 1000))
             try:
                 ready = dict(poller.poll(timeout_ms))
             except zmq.ZMQError:

@@ -6,16 +6,24 @@ when a box is made or opened (R-FRAME-8: big-endian increment with wrap).
 
 import os
 
-from nacl.bindings import (
-    crypto_box_afternm,
-    crypto_box_beforenm,
-    crypto_box_keypair,
-    crypto_box_open_afternm,
-    crypto_scalarmult_base,
-)
+from nacl._sodium import ffi, lib
+from nacl.bindings import crypto_box_beforenm, crypto_box_keypair, crypto_scalarmult_base
 from nacl.exceptions import CryptoError
 
 from relaycore.constants import CRYPTO_MAC_SIZE, CRYPTO_NONCE_SIZE
+
+# Boxes are made and opened with libsodium's *_easy_afternm functions through
+# PyNaCl's own cffi module: they take and return exactly toxcore's layout
+# (MAC || ciphertext), where PyNaCl's crypto_box_[open_]afternm wrappers pad
+# with zero bytes, copy, and check in Python. ~0.5-0.7 us less per frame each
+# way (`cluster loadtest throughput` guards this: two per relayed frame).
+# The C functions read exactly 32 key and 24 nonce bytes: every caller passes
+# those sizes (checked in seal/open_box; SecureChannel checks its key once).
+_uninitialised = ffi.new_allocator(should_clear_after_alloc=False)
+_box_easy_afternm = lib.crypto_box_easy_afternm
+_box_open_easy_afternm = lib.crypto_box_open_easy_afternm
+_buffer = ffi.buffer
+KEY_SIZE = 32
 
 NONCE_MODULUS = 1 << (8 * CRYPTO_NONCE_SIZE)
 
@@ -28,9 +36,11 @@ __all__ = [
     "nonce_bytes",
     "nonce_int",
     "open_box",
+    "open_box_unchecked",
     "public_key_of",
     "random_bytes",
     "seal",
+    "seal_unchecked",
 ]
 
 
@@ -54,14 +64,35 @@ def beforenm(public_key: bytes, secret_key: bytes) -> bytes:
 
 def seal(key: bytes, nonce: bytes, plain: bytes) -> bytes:
     """MAC(16) || ciphertext, nonce not included (encrypt_data_symmetric)."""
-    return crypto_box_afternm(plain, nonce, key)
+    if len(key) != KEY_SIZE or len(nonce) != CRYPTO_NONCE_SIZE:
+        raise ValueError("seal: key must be 32 bytes, nonce 24")
+    return seal_unchecked(key, nonce, plain)
+
+
+def seal_unchecked(key: bytes, nonce: bytes, plain: bytes) -> bytes:
+    """``seal`` for callers that guarantee a 32-byte key and a 24-byte nonce."""
+    size = len(plain) + CRYPTO_MAC_SIZE
+    boxed = _uninitialised("unsigned char[]", size)
+    _box_easy_afternm(boxed, plain, len(plain), nonce, key)  # cannot fail for these sizes
+    return _buffer(boxed)[:]
 
 
 def open_box(key: bytes, nonce: bytes, boxed: bytes) -> bytes:
     """Inverse of seal; raises CryptoError on a bad MAC or when len(boxed) <= 16."""
-    if len(boxed) <= CRYPTO_MAC_SIZE:
+    if len(key) != KEY_SIZE or len(nonce) != CRYPTO_NONCE_SIZE:
+        raise ValueError("open_box: key must be 32 bytes, nonce 24")
+    return open_box_unchecked(key, nonce, boxed)
+
+
+def open_box_unchecked(key: bytes, nonce: bytes, boxed: bytes) -> bytes:
+    """``open_box`` for callers that guarantee a 32-byte key and a 24-byte nonce."""
+    size = len(boxed) - CRYPTO_MAC_SIZE
+    if size <= 0:
         raise CryptoError("box too short")
-    return crypto_box_open_afternm(boxed, nonce, key)
+    plain = _uninitialised("unsigned char[]", size)
+    if _box_open_easy_afternm(plain, boxed, len(boxed), nonce, key) != 0:
+        raise CryptoError("box does not open (bad MAC)")
+    return _buffer(plain)[:]
 
 
 def nonce_int(nonce: bytes) -> int:

@@ -8,10 +8,15 @@ by the server sessions and the client library.
 
 from collections.abc import Iterator
 
-from nacl.bindings import crypto_box_afternm, crypto_box_open_afternm
-
 from relaycore.constants import CRYPTO_MAC_SIZE, MAX_PACKET_SIZE, MAX_PLAINTEXT_SIZE
-from relaycore.crypto import NONCE_MODULUS, CryptoError, nonce_int
+from relaycore.crypto import (
+    KEY_SIZE,
+    NONCE_MODULUS,
+    CryptoError,
+    nonce_int,
+    open_box_unchecked,
+    seal_unchecked,
+)
 from relaycore.errors import ProtocolViolation
 
 
@@ -21,6 +26,8 @@ class SecureChannel:
     __slots__ = ("key", "send_nonce", "recv_nonce", "_buffer")
 
     def __init__(self, key: bytes, send_base_nonce: bytes, recv_base_nonce: bytes) -> None:
+        if len(key) != KEY_SIZE:
+            raise ValueError(f"session key is {len(key)} bytes, not 32")
         self.key = key
         self.send_nonce = nonce_int(send_base_nonce)
         self.recv_nonce = nonce_int(recv_base_nonce)
@@ -38,7 +45,7 @@ class SecureChannel:
             raise ValueError(f"plaintext of {len(plain)} bytes exceeds {MAX_PLAINTEXT_SIZE}")
         nonce = self.send_nonce
         self.send_nonce = (nonce + 1) % NONCE_MODULUS
-        boxed = crypto_box_afternm(plain, nonce.to_bytes(24, "big"), self.key)
+        boxed = seal_unchecked(self.key, nonce.to_bytes(24, "big"), plain)
         return len(boxed).to_bytes(2, "big") + boxed
 
     def hold(self, data: bytes) -> None:
@@ -71,9 +78,7 @@ class SecureChannel:
                 boxed = bytes(buffer[position + 2 : position + 2 + length])
                 position += 2 + length
                 try:
-                    plain = crypto_box_open_afternm(
-                        boxed, self.recv_nonce.to_bytes(24, "big"), self.key
-                    )
+                    plain = open_box_unchecked(self.key, self.recv_nonce.to_bytes(24, "big"), boxed)
                 except CryptoError:
                     raise ProtocolViolation("R-FRAME-4", "frame MAC does not verify") from None
                 self.recv_nonce = (self.recv_nonce + 1) % NONCE_MODULUS  # R-FRAME-5

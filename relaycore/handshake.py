@@ -42,6 +42,14 @@ def make_client_hello(
 
 def open_client_hello(hello: bytes, server_sk: bytes) -> tuple[bytes, HandshakeHalf]:
     """Server side: (client long-term pk, client's half). R-HS-2/R-HS-3."""
+    client_pk, client_half, _ = open_client_hello_keyed(hello, server_sk)
+    return client_pk, client_half
+
+
+def open_client_hello_keyed(hello: bytes, server_sk: bytes) -> tuple[bytes, HandshakeHalf, bytes]:
+    """``open_client_hello`` plus the handshake key it computed, so that the
+    server's reply (``seal_server_reply``) does not compute the same X25519
+    shared key a second time (one of three per handshake on the server)."""
     if len(hello) != TCP_CLIENT_HANDSHAKE_SIZE:
         raise HandshakeError("R-HS-1", f"hello is {len(hello)} bytes, not 128")
     client_pk = hello[:_PK]
@@ -50,13 +58,19 @@ def open_client_hello(hello: bytes, server_sk: bytes) -> tuple[bytes, HandshakeH
         plain = open_box(handshake_key, hello[_PK : _PK + _NONCE], hello[_PK + _NONCE :])
     except CryptoError:
         raise HandshakeError("R-HS-2", "client hello does not open") from None
-    return client_pk, HandshakeHalf(plain[:_PK], plain[_PK:])
+    return client_pk, HandshakeHalf(plain[:_PK], plain[_PK:]), handshake_key
 
 
 def make_server_reply(
     server_sk: bytes, client_pk: bytes, temp_pk: bytes, base_nonce: bytes, reply_nonce: bytes
 ) -> bytes:
-    handshake_key = beforenm(client_pk, server_sk)
+    return seal_server_reply(beforenm(client_pk, server_sk), temp_pk, base_nonce, reply_nonce)
+
+
+def seal_server_reply(
+    handshake_key: bytes, temp_pk: bytes, base_nonce: bytes, reply_nonce: bytes
+) -> bytes:
+    """The server reply, given the handshake key beforenm(client_pk, server_sk)."""
     return reply_nonce + seal(handshake_key, reply_nonce, temp_pk + base_nonce)
 
 

@@ -26,7 +26,7 @@ from relaycore.constants import (
 from relaycore.crypto import CryptoError, beforenm, generate_keypair, public_key_of
 from relaycore.errors import ProtocolViolation
 from relaycore.framing import SecureChannel
-from relaycore.handshake import make_server_reply, open_client_hello
+from relaycore.handshake import open_client_hello_keyed, seal_server_reply
 from relaycore.onion import (
     NET_PACKET_FORWARD_REPLY,
     NET_PACKET_ONION_RECV_1,
@@ -427,7 +427,7 @@ class RelayServer:
             return b""
         rest = bytes(hello[TCP_CLIENT_HANDSHAKE_SIZE:])
         try:
-            client_pk, client_half = open_client_hello(
+            client_pk, client_half, handshake_key = open_client_hello_keyed(
                 bytes(hello[:TCP_CLIENT_HANDSHAKE_SIZE]), self.secret_key
             )
         except ProtocolViolation as violation:
@@ -441,9 +441,7 @@ class RelayServer:
             self.kill(connection, "R-HS-2")  # no usable session: no reply
             return b""
         base_nonce = self._random_bytes(24)
-        reply = make_server_reply(
-            self.secret_key, client_pk, temp_pk, base_nonce, self._random_bytes(24)
-        )
+        reply = seal_server_reply(handshake_key, temp_pk, base_nonce, self._random_bytes(24))
         connection.public_key = client_pk
         connection.channel = SecureChannel(  # R-HS-5
             session_key,
