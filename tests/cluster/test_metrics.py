@@ -163,7 +163,8 @@ def test_running_cluster_reports_traffic_in_metrics_and_status(tmp_path: Path) -
         )
         totals = status["totals"]
         assert totals["confirmed"] == 2  # a and b; the bad one is gone
-        assert totals["relayed_packets"] == metric(text, "toxrelay_relayed_packets_total")
+        # Read after the scrape: each worker's next report may have added to it.
+        assert totals["relayed_packets"] >= metric(text, "toxrelay_relayed_packets_total") >= 50
         assert totals["frames_in"] >= metric(text, 'toxrelay_frames_total{direction="in"}')
         assert totals["map_entries"] == 2
         table = subprocess.run(
