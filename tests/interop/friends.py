@@ -265,6 +265,9 @@ def run_friends_scenario(
     config = config or ScenarioConfig()
     relay_ports = {relay_a.port, relay_b.port}
     udp_before = _own_udp_inodes()
+    # Sockets that other code of this process (earlier tests) still holds are
+    # not the clients': only what is opened from here on is judged.
+    tcp_before = set(_own_socket_fds())
     peers: list[_Peer] = []
     try:
         started = time.monotonic()
@@ -309,7 +312,7 @@ def run_friends_scenario(
         _exchange_messages(driver, a, b, config)
         rtts = _measure_rtts(driver, a, b, config)
         file_s = _send_file(driver, a, b, config)
-        sockets = _socket_reports()
+        sockets = _socket_reports(exclude=tcp_before)
         new_udp = len(_own_udp_inodes() - udp_before)
         result = FriendsResult(
             self_connected_s=self_connected_at - started,
@@ -478,9 +481,10 @@ def _own_udp_inodes() -> set[int]:
 _TCP_STATE_NAMES = {"01": "ESTABLISHED", "02": "SYN_SENT", "06": "TIME_WAIT", "0A": "LISTEN"}
 
 
-def _socket_reports() -> list[SocketReport]:
-    """Every TCP socket (IPv4 and IPv6) this process owns, with TCP_INFO byte counts."""
-    fds = _own_socket_fds()
+def _socket_reports(exclude: set[int] = frozenset()) -> list[SocketReport]:  # type: ignore[assignment]
+    """Every TCP socket (IPv4 and IPv6) this process owns, with TCP_INFO byte
+    counts, except those whose inode is in ``exclude``."""
+    fds = {inode: fd for inode, fd in _own_socket_fds().items() if inode not in exclude}
     reports = []
     for table in ("tcp", "tcp6"):
         for cols in _proc_rows(table):
