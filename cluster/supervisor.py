@@ -34,6 +34,7 @@ from cluster.keys import RelayIdentity
 from cluster.metrics import ClusterCollector, ClusterStats
 from coordinator.service import pack, router_endpoint, unpack
 from worker.reporting import supervisor_endpoint
+from worker.shard import bind_reuseport
 
 log = logging.getLogger("cluster.supervisor")
 
@@ -51,18 +52,10 @@ class StartupError(Exception):
 def reserve_port(host: str, port: int) -> socket.socket:
     """Bind (without listening) a SO_REUSEPORT socket: it resolves port 0 and
     keeps the port ours, while only the workers' listening sockets accept."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     try:
-        sock.bind((host, port))
+        return bind_reuseport(host, port, socket.SOCK_STREAM)
     except OSError as error:
-        sock.close()
         raise StartupError(f"cannot listen on {host} port {port}: {error.strerror}") from None
-    return sock
 
 
 @dataclass
