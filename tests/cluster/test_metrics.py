@@ -144,15 +144,7 @@ def test_running_cluster_reports_traffic_in_metrics_and_status(tmp_path: Path) -
 
         deadline = time.monotonic() + 10
         while True:  # the map size comes from the coordinator's next report
-            result = subprocess.run(
-                [sys.executable, "-m", "cluster.cli", "status", "--json"],
-                cwd=relay.workdir,
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=True,
-            )
-            status = json.loads(result.stdout)
+            status = relay.status()
             settled = status["totals"]["map_entries"] == 2 and status["totals"]["confirmed"] == 2
             if settled or time.monotonic() > deadline:
                 break

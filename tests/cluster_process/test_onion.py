@@ -6,14 +6,12 @@ R-ONION-5, R-ORET-5, R-FWD-5; docs/architecture.md "Onion and forwarding")."""
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from cluster.client import RelayClient
 from relaycore.packets import Forwarding, OnionResponse
@@ -22,22 +20,25 @@ from tests.cluster_process.support import Cluster, closed_within, run, wait_unti
 REPLY_SOCKETS = 24  # distinct source ports: the kernel spreads them over the shards
 
 
+@contextlib.contextmanager
+def udp_sockets(count: int) -> Iterator[list[socket.socket]]:
+    """``count`` UDP sockets on loopback ports (a stand-in next hop and the
+    sources its replies come from), closed after."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+            sock.settimeout(5)
+        yield sockets
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def onion_request(port: int) -> bytes:
     address = b"\x02" + bytes((127, 0, 0, 1)) + bytes(12) + struct.pack(">H", port)
     head = b"\x08" + bytes(range(24)) + address
     return head + bytes(300 - len(head))
-
-
-def status(cluster: Cluster) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "status", "--json"],
-        cwd=cluster.relay.workdir,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return json.loads(result.stdout)
 
 
 def test_replies_reach_the_client_whichever_worker_receives_them(
@@ -48,13 +49,7 @@ def test_replies_reach_the_client_whichever_worker_receives_them(
     assert udp_port, cluster.lines
 
     async def body() -> None:
-        hop = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        hop.bind(("127.0.0.1", 0))
-        hop.settimeout(5)
-        repliers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(REPLY_SOCKETS)]
-        try:
-            for replier in repliers:
-                replier.bind(("127.0.0.1", 0))
+        with udp_sockets(1 + REPLY_SOCKETS) as (hop, *repliers):
             first, _ = cluster.shards()
             client = await cluster.connect(first)
             client.send_plain(onion_request(hop.getsockname()[1]))
@@ -80,17 +75,13 @@ def test_replies_reach_the_client_whichever_worker_receives_them(
             for _ in range(8):
                 assert await client.expect(Forwarding, timeout=5) == Forwarding(b"back")
             await client.close()
-        finally:
-            hop.close()
-            for replier in repliers:
-                replier.close()
 
         def crossed() -> bool:
-            totals = status(cluster)["totals"]
+            totals = cluster.relay.status()["totals"]
             return totals["onion_replies"] == REPLY_SOCKETS and totals["forward_replies"] == 8
 
         await wait_until(crossed, timeout=10, what="the replies in the counters", interval=0.5)
-        totals = status(cluster)["totals"]
+        totals = cluster.relay.status()["totals"]
         # With 24 source ports over 2 workers, both sockets got some replies.
         assert 0 < totals["onion_replies_crossed_shards"] < REPLY_SOCKETS, totals
 
@@ -109,13 +100,7 @@ def test_answers_for_a_killed_workers_client_never_reach_its_new_connection(
     victim, _ = cluster.shards()
 
     async def body() -> None:
-        hop = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        hop.bind(("127.0.0.1", 0))
-        hop.settimeout(5)
-        repliers = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(REPLY_SOCKETS)]
-        try:
-            for replier in repliers:
-                replier.bind(("127.0.0.1", 0))
+        with udp_sockets(1 + REPLY_SOCKETS) as (hop, *repliers):
             key = os.urandom(32)
             old = await cluster.connect(victim, secret_key=key)
             old.send_plain(onion_request(hop.getsockname()[1]))
@@ -134,10 +119,6 @@ def test_answers_for_a_killed_workers_client_never_reach_its_new_connection(
             await new.ping()
             assert [e for e in new.pending_events() if isinstance(e, OnionResponse)] == []
             await new.close()
-        finally:
-            hop.close()
-            for replier in repliers:
-                replier.close()
 
     run(body())
 

@@ -44,6 +44,7 @@ from tests.interop.toxcore import (
     TOX_FILE_CONTROL_RESUME,
     TOX_FILE_KIND_DATA,
     ToxClient,
+    own_socket_fds,
     tcp_byte_counts,
 )
 from tests.support.bootstrapd import DhtNode
@@ -267,7 +268,7 @@ def run_friends_scenario(
     udp_before = _own_udp_inodes()
     # Sockets that other code of this process (earlier tests) still holds are
     # not the clients': only what is opened from here on is judged.
-    tcp_before = set(_own_socket_fds())
+    tcp_before = set(own_socket_fds())
     peers: list[_Peer] = []
     try:
         started = time.monotonic()
@@ -439,19 +440,6 @@ def _log_tail(peers: Sequence[_Peer], lines: int = 15) -> list[str]:
 # --- this process's sockets, from /proc ---------------------------------------------
 
 
-def _own_socket_fds() -> dict[int, int]:
-    """inode -> fd for every socket descriptor of this process."""
-    found = {}
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            found[int(target[8:-1])] = int(fd)
-    return found
-
-
 def _proc_rows(table: str) -> list[list[str]]:
     try:
         return [
@@ -462,14 +450,14 @@ def _proc_rows(table: str) -> list[list[str]]:
 
 
 def _own_tcp_fds() -> list[int]:
-    fds = _own_socket_fds()
+    fds = own_socket_fds()
     return [
         fds[int(cols[9])] for cols in _proc_rows("tcp") if len(cols) > 9 and int(cols[9]) in fds
     ]
 
 
 def _own_udp_inodes() -> set[int]:
-    fds = _own_socket_fds()
+    fds = own_socket_fds()
     return {
         int(cols[9])
         for table in ("udp", "udp6")
@@ -484,7 +472,7 @@ _TCP_STATE_NAMES = {"01": "ESTABLISHED", "02": "SYN_SENT", "06": "TIME_WAIT", "0
 def _socket_reports(exclude: set[int] = frozenset()) -> list[SocketReport]:  # type: ignore[assignment]
     """Every TCP socket (IPv4 and IPv6) this process owns, with TCP_INFO byte
     counts, except those whose inode is in ``exclude``."""
-    fds = {inode: fd for inode, fd in _own_socket_fds().items() if inode not in exclude}
+    fds = {inode: fd for inode, fd in own_socket_fds().items() if inode not in exclude}
     reports = []
     for table in ("tcp", "tcp6"):
         for cols in _proc_rows(table):

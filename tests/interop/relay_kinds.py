@@ -16,11 +16,8 @@ Used by ``tests/interop/test_friends_end_to_end.py`` and ``ops/bench/friends_com
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,15 +98,7 @@ def start_relay_under_test(kind: str, workdir: Path) -> RelayUnderTest:
 
 
 def _status_totals(relay: RelayProcess) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "status", "--json"],
-        cwd=relay.workdir,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return json.loads(result.stdout)["totals"]
+    return relay.status()["totals"]
 
 
 def _shard_ports(relay: RelayProcess) -> dict[int, int]:

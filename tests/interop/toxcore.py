@@ -740,23 +740,24 @@ _TCP_STATES = {
 }
 
 
-def _own_socket_inodes() -> set[int]:
-    inodes: set[int] = set()
+def own_socket_fds() -> dict[int, int]:
+    """inode -> fd for every socket descriptor of this process (/proc/self/fd)."""
+    found = {}
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
         if target.startswith("socket:["):
-            inodes.add(int(target[8:-1]))
-    return inodes
+            found[int(target[8:-1])] = int(fd)
+    return found
 
 
 def tcp_sockets_to(
     port: int, predicate: Callable[[TcpSocket], bool] | None = None
 ) -> list[TcpSocket]:
     """IPv4 TCP sockets of *this process* whose remote port is ``port`` (from /proc)."""
-    own = _own_socket_inodes()
+    own = own_socket_fds()
     result = []
     for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
         cols = line.split()

@@ -7,6 +7,7 @@ the process by its PID only.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -64,6 +65,19 @@ class RelayProcess:
 
     def stderr_text(self) -> str:
         return (self.workdir / "relay.err").read_text(errors="replace")
+
+    def status(self) -> dict:
+        """What `cluster status --json` prints for this relay (the admin socket
+        is in ``workdir``, the relay's working directory)."""
+        result = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "status", "--json"],
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return json.loads(result.stdout)
 
 
 def write_keys(path: Path, secret_key: bytes) -> None:
