@@ -682,11 +682,9 @@ class RelayServer:
         if connection is None:
             self.stats["dropped.reply_stale"] += 1  # it closed or reconnected since
             return
-        if connection.unsent > self.options.output_soft_limit:  # non-priority (R-OUT-2)
-            self.stats["dropped.backpressure"] += 1
-            return
-        self._append(connection, connection.channel.encrypt(plain))  # type: ignore[union-attr]
-        self.stats["onion.replies_delivered" if plain[0] == 9 else "forward.replies_delivered"] += 1
+        if self._queue_nonpriority(connection, plain):
+            counter = "onion.replies_delivered" if plain[0] == 9 else "forward.replies_delivered"
+            self.stats[counter] += 1
 
     def _onion_allowed(self, connection: ServerConnection, now: float) -> bool:
         """The per-client and per-worker rate limits on types 8 and 10."""
@@ -1156,14 +1154,20 @@ class RelayServer:
             return
         self._append(connection, connection.channel.encrypt(plain))  # type: ignore[union-attr]
 
-    def _send_nonpriority(self, connection: ServerConnection, plain: bytes) -> None:
-        """R-OUT-2: dropped, without using a nonce, while the receiver is backed up."""
+    def _queue_nonpriority(self, connection: ServerConnection, plain: bytes) -> bool:
+        """R-OUT-2: dropped, without using a nonce, while the receiver is backed
+        up; True when queued."""
         if connection.unsent > self.options.output_soft_limit:
             self.stats["dropped.backpressure"] += 1
-            return
+            return False
         if connection.state is not ConnectionState.CONFIRMED:
-            return
+            return False
         self._append(connection, connection.channel.encrypt(plain))  # type: ignore[union-attr]
-        stats = self.stats
-        stats["relayed"] += 1
-        stats["relayed_bytes"] += len(plain)
+        return True
+
+    def _send_nonpriority(self, connection: ServerConnection, plain: bytes) -> None:
+        """Relayed data and OOB (counted as relayed)."""
+        if self._queue_nonpriority(connection, plain):
+            stats = self.stats
+            stats["relayed"] += 1
+            stats["relayed_bytes"] += len(plain)
