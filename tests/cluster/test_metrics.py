@@ -55,13 +55,18 @@ def test_rates_come_from_consecutive_reports() -> None:
     assert row["cpu_percent"] == 25.0
 
 
+def scrape(stats: ClusterStats) -> str:
+    """The Prometheus text the supervisor would serve for ``stats``."""
+    registry = CollectorRegistry()
+    registry.register(ClusterCollector(stats))
+    return generate_latest(registry).decode()
+
+
 def test_collector_exposes_labelled_counters() -> None:
     stats = ClusterStats()
     stats.slot_of_shard[1] = 0
     stats.record(1, 100, report(7), now=1.0)
-    registry = CollectorRegistry()
-    registry.register(ClusterCollector(stats))
-    text = generate_latest(registry).decode()
+    text = scrape(stats)
     assert 'toxrelay_closed_connections_total{reason="R-FRAME-2"} 1.0' in text
     assert 'toxrelay_packets_received_total{type="ping"} 3.0' in text
     assert 'toxrelay_frames_total{direction="in"} 7.0' in text
@@ -84,9 +89,7 @@ def test_collector_exposes_onion_and_bus_counters() -> None:
         }
     )
     stats.record(1, 100, sample, now=1.0)
-    registry = CollectorRegistry()
-    registry.register(ClusterCollector(stats))
-    text = generate_latest(registry).decode()
+    text = scrape(stats)
     assert 'toxrelay_onion_packets_total{event="requests_sent"} 4.0' in text
     assert 'toxrelay_onion_packets_total{event="replies_to_other_shards"} 2.0' in text
     assert 'toxrelay_forward_packets_total{event="replies_delivered"} 1.0' in text

@@ -19,36 +19,13 @@ import zmq
 
 from coordinator import client as coordinator_client
 from coordinator import service as coordinator_service
-from coordinator.client import CoordinatorClient, ReplicaHandler
+from coordinator.client import CoordinatorClient
 from coordinator.service import CoordinatorService, router_endpoint, unpack, updates_endpoint
 from relaycore.shardlink import MapUpdate, Registry
+from tests.coordinator.replica import RecordingHandler
 
 SHARD = 7
 KEYS = [bytes([n]) * 32 for n in range(1, 6)]
-
-
-class RecordingHandler(ReplicaHandler):
-    def __init__(self) -> None:
-        self.applied: list[tuple] = []
-        self.resets: list[tuple[list, bool]] = []
-
-    def apply_map_update(self, update: tuple) -> None:
-        self.applied.append(update)
-
-    def reset_directory(self, entries: list, merge: bool, request: int | None = None) -> None:
-        self.resets.append((entries, merge))
-
-    def snapshot_requested(self, request: int, events_delivered: bool) -> None:
-        pass
-
-    def registrations(self) -> list[tuple[bytes, int]]:
-        return []
-
-    def set_peer_shards(self, shards: list[int]) -> None:
-        pass
-
-    def after_input(self) -> None:
-        pass
 
 
 def _set(n: int) -> tuple:

@@ -13,32 +13,7 @@ import zmq
 import coordinator.client as client_module
 from coordinator.client import CoordinatorClient
 from coordinator.service import pack, router_endpoint, unpack, updates_endpoint
-
-
-class Replica:
-    """A ReplicaHandler that records what it is told."""
-
-    def __init__(self) -> None:
-        self.resets: list[tuple[list, bool, int | None]] = []
-        self.requests: list[int] = []
-
-    def apply_map_update(self, update: tuple) -> None:
-        pass
-
-    def reset_directory(self, entries: list, merge: bool, request: int | None) -> None:
-        self.resets.append((entries, merge, request))
-
-    def snapshot_requested(self, request: int, events_delivered: bool) -> None:
-        self.requests.append(request)
-
-    def registrations(self) -> list[tuple[bytes, int]]:
-        return []
-
-    def set_peer_shards(self, shards: list[int]) -> None:
-        pass
-
-    def after_input(self) -> None:
-        pass
+from tests.coordinator.replica import RecordingHandler
 
 
 def test_an_unanswered_snapshot_request_is_made_again(
@@ -55,7 +30,7 @@ def test_an_unanswered_snapshot_request_is_made_again(
     publisher.bind(updates_endpoint(tmp_path))
 
     async def body() -> None:
-        replica = Replica()
+        replica = RecordingHandler()
         worker = CoordinatorClient(tmp_path, 7, asyncio.get_running_loop(), replica)  # type: ignore[arg-type]
         worker.start()
         asked: list[int] = []
@@ -76,7 +51,7 @@ def test_an_unanswered_snapshot_request_is_made_again(
                 break
             await asyncio.sleep(0.01)
         assert not worker.syncing
-        assert replica.resets == [([], False, 2)]
+        assert replica.resets == [([], False)] and replica.reset_requests == [2]
         worker.close()
 
     try:
