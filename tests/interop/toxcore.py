@@ -445,19 +445,21 @@ class ToxClient:
             raise ToxError("the Tox instance was killed")
         return self._tox
 
+    def _self_bytes(self, function: str, size: int) -> bytes:
+        """The ``size`` bytes a ``tox_self_get_*(tox, buffer)`` function writes."""
+        buffer = ctypes.create_string_buffer(size)
+        getattr(self._lib, function)(self._handle, buffer)
+        return buffer.raw
+
     @property
     def dht_id(self) -> bytes:
         """The DHT public key: the key this client presents to TCP relays."""
-        buffer = ctypes.create_string_buffer(PUBLIC_KEY_SIZE)
-        self._lib.tox_self_get_dht_id(self._handle, buffer)
-        return buffer.raw
+        return self._self_bytes("tox_self_get_dht_id", PUBLIC_KEY_SIZE)
 
     @property
     def public_key(self) -> bytes:
         """The long-term Tox public key (not used on relays)."""
-        buffer = ctypes.create_string_buffer(PUBLIC_KEY_SIZE)
-        self._lib.tox_self_get_public_key(self._handle, buffer)
-        return buffer.raw
+        return self._self_bytes("tox_self_get_public_key", PUBLIC_KEY_SIZE)
 
     def add_tcp_relay(self, host: str, port: int, public_key: bytes) -> None:
         """``tox_add_tcp_relay``; raises :class:`ToxError` on a Tox_Err_Bootstrap."""
@@ -498,9 +500,7 @@ class ToxClient:
     @property
     def address(self) -> bytes:
         """The 38-byte Tox address (public key, nospam, checksum) for friend requests."""
-        buffer = ctypes.create_string_buffer(ADDRESS_SIZE)
-        self._lib.tox_self_get_address(self._handle, buffer)
-        return buffer.raw
+        return self._self_bytes("tox_self_get_address", ADDRESS_SIZE)
 
     @property
     def connection_status(self) -> int:
