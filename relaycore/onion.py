@@ -287,15 +287,19 @@ class TokenBucket:
         self.tokens = burst
         self.updated = now
 
-    def take(self, now: float) -> bool:
-        """Spend one token; False (and nothing spent) when there is none."""
-        if self.rate <= 0:
-            return True  # 0 = unlimited
+    def level(self, now: float) -> float:
+        """The tokens there are at ``now`` (refilled up to then)."""
         elapsed = now - self.updated
         if elapsed > 0:
             self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
             self.updated = now
-        if self.tokens < 1:
+        return self.tokens
+
+    def take(self, now: float) -> bool:
+        """Spend one token; False (and nothing spent) when there is none."""
+        if self.rate <= 0:
+            return True  # 0 = unlimited
+        if self.level(now) < 1:
             return False
         self.tokens -= 1
         return True

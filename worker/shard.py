@@ -13,9 +13,11 @@ import logging
 import socket
 from collections.abc import Callable, Iterable
 
+from relaycore.nexthop import NextHopPolicy
 from relaycore.onion import Datagram, OnionSecrets
 from relaycore.options import RelayOptions
 from relaycore.relay import ConnectionRefused, ConnectionState, RelayServer, ServerConnection
+from worker.addresses import bound_addresses, host_addresses
 
 log = logging.getLogger("worker.shard")
 
@@ -109,6 +111,7 @@ class ClientProtocol(asyncio.Protocol):
         # High-water mark = the soft limit: pause_writing tells the core when
         # non-priority packets start being dropped (R-OUT-2).
         transport.set_write_buffer_limits(high=shard.options.output_soft_limit)
+        shard.flush()  # closes a handshake evicted to make room (max_unconfirmed)
 
     def data_received(self, data: bytes) -> None:
         connection = self.connection
@@ -191,6 +194,15 @@ class Shard:
     ) -> None:
         """Accept on ``sockets``; without ``udp_socket`` onion and forward
         requests are dropped and counted (``dropped.udp_off``)."""
+        sockets = list(sockets)
+        own = host_addresses() | bound_addresses(
+            sockets + ([udp_socket] if udp_socket is not None else [])
+        )
+        self.server.next_hops = NextHopPolicy(
+            self.options.allow_private_next_hops,
+            own,
+            [udp_socket.getsockname()[1]] if udp_socket is not None else [],
+        )
         if udp_socket is not None:
             self._udp_is_v6 = udp_socket.family == socket.AF_INET6
             self._udp, _ = await self.loop.create_datagram_endpoint(
