@@ -756,14 +756,14 @@ class RelayServer:
             self.stats["dropped.onion_rate_client"] += 1
             return False
         light = True
-        by_address = None
         if options.onion_rate_per_ip > 0:
+            # Spent even when the worker refuses below: an address that keeps
+            # trying empties its own bucket and stops counting as light.
             by_address = self._onion_by_address.bucket(connection.address, now)
-            level = by_address.level(now)
-            if level < 1:
+            if not by_address.take(now):
                 self.stats["dropped.onion_rate_ip"] += 1
                 return False
-            light = level >= by_address.burst / 2
+            light = by_address.tokens >= by_address.burst / 2
         worker = self._onion_budget
         if worker.rate > 0:
             floor = 1.0 if light else 1.0 + worker.burst * ONION_WORKER_RESERVE
@@ -771,8 +771,6 @@ class RelayServer:
                 self.stats["dropped.onion_rate_worker"] += 1
                 return False
             worker.tokens -= 1
-        if by_address is not None:
-            by_address.tokens -= 1
         return True
 
     def _next_hop_refused(self, datagram: Datagram) -> bool:
