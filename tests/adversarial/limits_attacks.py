@@ -1,37 +1,37 @@
 """Attack clients for the limits of issue 10 #5-#8 (next hops, half-open
 floods, cross-worker amplification, onion budget), and the cluster's
 counters read from its Prometheus endpoint. Loopback only; every attacker
-and honest client binds its own 127.x source address."""
+and honest client binds its own 127.x source address.
+
+Floods run in a child process of their own (``AttackProcess``): in the test's
+event loop they would delay the honest pair's round trips themselves and the
+RTT bound would measure the test client, not the relay."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import re
 import socket
 import struct
+import time
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Iterator
+from multiprocessing.connection import Connection
+from typing import TypeVar
 
 from cluster.client import ConnectionClosed, RelayClient
-from tests.cluster_process.support import Cluster, ShardLine
-from tests.support.relay_process import start_relay
+from tests.adversarial.support import HonestPair, connect_from, percentile, rtt_bound
+from tests.cluster_process.support import Cluster
+
+T = TypeVar("T")
 
 _SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
 
 
-def start_limits_cluster(workdir: Path, config: str = "", workers: int = 2) -> Cluster:
-    """`cluster start --workers N --shard-ports --metrics` with ``config`` (TOML)."""
-    relay = start_relay(
-        workdir,
-        config=config or None,
-        workers=workers,
-        extra_args=["--shard-ports", "--metrics", "127.0.0.1:0"],
-    )
-    cluster = Cluster(relay)
-    assert len(cluster.shards()) == workers, relay.stdout_lines
-    return cluster
+# Added to an attack cluster's config: the counters are read from the endpoint.
+METRICS_CONFIG = 'metrics = "127.0.0.1:0"\n'
 
 
 def metrics_url(cluster: Cluster) -> str:
@@ -60,26 +60,6 @@ async def settled_counters(cluster: Cluster) -> dict[str, float]:
     """The counters once every worker has reported what it did (1 s reports)."""
     await asyncio.sleep(2.2)
     return counters(cluster)
-
-
-async def connect_from(
-    cluster: Cluster,
-    source: str,
-    where: ShardLine | None = None,
-    *,
-    secret_key: bytes | None = None,
-    timeout: float = 5.0,
-) -> RelayClient:
-    """A confirmed client from ``source`` on ``where``'s shard (or the shared port)."""
-    host, port = where.address if where is not None else (cluster.relay.host, cluster.relay.port)
-    return await RelayClient.connect(
-        host,
-        port,
-        cluster.relay.public_key,
-        secret_key=secret_key,
-        local_addr=(source, 0),
-        timeout=timeout,
-    )
 
 
 # ----------------------------------------------------------------------
@@ -157,3 +137,118 @@ async def newcomer_connects(cluster: Cluster, source: str, timeout: float = 3.0)
 def sources(prefix: str, count: int) -> Iterator[str]:
     """``prefix``.1 .. ``prefix``.count (e.g. "127.0.3")."""
     return (f"{prefix}.{number}" for number in range(1, count + 1))
+
+
+def half_open_flood(
+    host: str, port: int, flooders: list[str], per_source: int, seconds: float
+) -> int:
+    """``per_source`` bare sockets from each flooder, then 5 more from each every
+    50 ms (the flooders replace what the relay closes), all held ``seconds``;
+    the number opened. Runs in an AttackProcess."""
+    held = bare_sockets(host, port, flooders, per_source)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        held += bare_sockets(host, port, flooders, 5)
+    close_all(held)
+    return len(held)
+
+
+def onion_flood(
+    host: str,
+    shard_ports: list[int],
+    relay_key: bytes,
+    flooders: list[str],
+    hop_port: int,
+    seconds: float,
+) -> int:
+    """From each flooder a steady stream of forward requests to ``hop_port``
+    (4 every 2 ms), over a new connection every 0.25 s, alternating workers;
+    the number of requests sent. Runs in an AttackProcess."""
+
+    async def one(source: str) -> int:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        clients: list[RelayClient] = []
+        sent = 0
+        try:
+            while loop.time() < deadline:
+                port = shard_ports[len(clients) % len(shard_ports)]
+                client = await RelayClient.connect(
+                    host, port, relay_key, local_addr=(source, 0), timeout=5
+                )
+                clients.append(client)
+                switch_at = min(deadline, loop.time() + 0.25)
+                while loop.time() < switch_at:
+                    for _ in range(4):
+                        client.core.send_plain(forward_request("127.0.0.1", hop_port, b"flood"))
+                    client.flush()
+                    sent += 4
+                    await asyncio.sleep(0.002)
+        finally:
+            for client in clients:
+                client.abort()
+        return sent
+
+    async def every() -> int:
+        return sum(await asyncio.gather(*(one(source) for source in flooders)))
+
+    return asyncio.run(every())
+
+
+def _child(connection: Connection, target: Callable[..., object], args: tuple) -> None:
+    try:
+        connection.send(("ok", target(*args)))
+    except BaseException as error:  # reported to the test
+        connection.send(("error", repr(error)))
+
+
+class AttackProcess:
+    """``target(*args)`` in a child process (spawned: no state of the test's
+    event loop); ``result()`` waits for what it returned (re-raised on error)."""
+
+    def __init__(self, target: Callable[..., object], *args: object) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._receiver, sender = context.Pipe(duplex=False)
+        self.process = context.Process(target=_child, args=(sender, target, args), daemon=True)
+        self.process.start()
+        sender.close()
+
+    async def result(self, timeout: float = 30.0) -> object:
+        loop = asyncio.get_running_loop()
+        try:
+            ready = await loop.run_in_executor(None, self._receiver.poll, timeout)
+            if not ready:
+                raise TimeoutError(f"the attack process gave no result in {timeout} s")
+            status, value = self._receiver.recv()
+        finally:
+            self.stop()
+        if status != "ok":
+            raise RuntimeError(f"the attack process failed: {value}")
+        return value
+
+    def stop(self) -> None:
+        """End the child by its PID if it still runs."""
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5)
+
+
+async def honest_p99_during(
+    pair: HonestPair, attack: Awaitable[T], *, baseline_seconds: float = 1.0
+) -> tuple[float, float, T]:
+    """(baseline p99, p99 while ``attack`` runs, what it returned): the pair
+    samples round trips first alone, then until the attack is over."""
+    baseline = percentile(await pair.measure(baseline_seconds), 0.99)
+    pair.start()
+    try:
+        result = await attack
+    finally:
+        samples = await pair.stop()
+    assert not pair.failures, pair.failures
+    assert len(samples) >= 10, f"only {len(samples)} round trips during the attack"
+    during = percentile(samples, 0.99)
+    assert during <= rtt_bound(baseline), (
+        f"p99 {during * 1000:.1f} ms, baseline {baseline * 1000:.1f} ms"
+    )
+    return baseline, during, result
