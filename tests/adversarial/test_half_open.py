@@ -17,6 +17,7 @@ import asyncio
 from tests.adversarial.limits_attacks import (
     METRICS_CONFIG,
     AttackProcess,
+    assert_rtt_within_bound,
     counters,
     half_open_flood,
     honest_p99_during,
@@ -59,35 +60,38 @@ def _incoming(cluster: Cluster) -> float:
     return counters(cluster).get('toxrelay_connections{state="incoming"}', 0.0)
 
 
-async def _newcomers(cluster: Cluster, flood: AttackProcess) -> tuple[int, int]:
-    """Once the flood is held, NEWCOMERS honest clients connect one by one;
-    (how many got in, what the flood opened)."""
-    await wait_until(lambda: _incoming(cluster) >= 400, 10, "the flood to be held")
-    connected = 0
-    for source in sources("127.0.8", NEWCOMERS):
-        connected += await newcomer_connects(cluster, source)
-    opened = await flood.result(timeout=ATTACK_SECONDS + 20)
+async def _newcomers(cluster: Cluster, flooders: list[str], per_source: int) -> tuple[int, int]:
+    """The flood starts; once it is held, NEWCOMERS honest clients connect one
+    by one; (how many got in, how many sockets the flood opened)."""
+    relay = cluster.relay
+    flood = AttackProcess(
+        half_open_flood, relay.host, relay.port, flooders, per_source, ATTACK_SECONDS
+    )
+    try:
+        await wait_until(lambda: _incoming(cluster) >= 400, 10, "the flood to be held")
+        connected = 0
+        for source in sources("127.0.8", NEWCOMERS):
+            connected += await newcomer_connects(cluster, source)
+        opened = await flood.result(timeout=ATTACK_SECONDS + 20)
+    finally:
+        flood.stop()
     assert isinstance(opened, int)
     return connected, opened
 
 
 async def _flood(cluster: Cluster, flooders: list[str], per_source: int, how: str) -> None:
-    relay = cluster.relay
     pair = await HonestPair.open(cluster)
     try:
-        flood = AttackProcess(
-            half_open_flood, relay.host, relay.port, flooders, per_source, ATTACK_SECONDS
+        baseline, during, (connected, opened) = await honest_p99_during(
+            pair, lambda: _newcomers(cluster, flooders, per_source)
         )
-        try:
-            _, _, (connected, opened) = await honest_p99_during(pair, _newcomers(cluster, flood))
-        finally:
-            flood.stop()
     finally:
         await pair.close()
     samples = counters(cluster)
     print(f"half-open ({how}, {len(flooders)} addresses, {opened} sockets): "
           f"{connected}/{NEWCOMERS} newcomers connected")  # fmt: skip
     assert connected == NEWCOMERS
+    assert_rtt_within_bound(baseline, during)
     if how == "evicted":
         assert samples.get('toxrelay_closed_connections_total{reason="evicted_unconfirmed"}')
     else:

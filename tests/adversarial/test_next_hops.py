@@ -15,6 +15,7 @@ import asyncio
 
 from tests.adversarial.limits_attacks import (
     METRICS_CONFIG,
+    assert_rtt_within_bound,
     dropped,
     forward_request,
     honest_p99_during,
@@ -68,11 +69,12 @@ async def _attack(cluster: Cluster) -> None:
     pair = await HonestPair.open(cluster)
     async with udp_sink("127.0.0.1") as (service, port):
         try:
-            _, _, sent = await honest_p99_during(pair, _probe(cluster, port))
+            baseline, during, sent = await honest_p99_during(pair, lambda: _probe(cluster, port))
         finally:
             await pair.close()
         samples = await settled_counters(cluster)
         print(f"next hops: {len(service.datagrams)}/{sent} datagrams reached the service")
         assert service.datagrams == []
         assert dropped(samples, "next_hop_own_address") == sent
+    assert_rtt_within_bound(baseline, during)
     await check_cross_worker_link(cluster)

@@ -21,6 +21,7 @@ from cluster.client import RelayClient
 from tests.adversarial.limits_attacks import (
     METRICS_CONFIG,
     AttackProcess,
+    assert_rtt_within_bound,
     dropped,
     forward_request,
     honest_p99_during,
@@ -96,8 +97,8 @@ async def _attack(cluster: Cluster) -> None:
             for number, where in enumerate(cluster.shards())
         ]
         try:
-            _, _, (sent, flooded) = await honest_p99_during(
-                pair, _during_flood(cluster, honest, flood_port, honest_port)
+            baseline, during, (sent, flooded) = await honest_p99_during(
+                pair, lambda: _during_flood(cluster, honest, flood_port, honest_port)
             )
         finally:
             await pair.close()
@@ -113,4 +114,5 @@ async def _attack(cluster: Cluster) -> None:
         )
         assert dropped(samples, "onion_rate_worker") > 0  # the budget was under attack
         assert got >= 0.95 * sent
+    assert_rtt_within_bound(baseline, during)
     await check_cross_worker_link(cluster)
