@@ -12,9 +12,11 @@ import ipaddress
 
 from relaycore.onion import TokenBucket
 
-# Buckets remembered at most; past this the refilled ones are forgotten
-# first, then the oldest (a full bucket is a fresh one anyway).
+# Buckets remembered at most; past this the one looked at longest ago is
+# forgotten (with that many busy addresses, one may get a fresh burst).
 MAX_ADDRESS_BUCKETS = 65536
+# Buckets looked at per forget_refilled call (one per tick of a worker).
+FORGET_PER_CALL = 2048
 
 
 def address_key(peer_ip: str) -> str:
@@ -51,10 +53,8 @@ class AddressBuckets:
     def bucket(self, key: str, now: float) -> TokenBucket:
         bucket = self.buckets.get(key)
         if bucket is None:
-            if len(self.buckets) >= self.limit:
-                self.forget_refilled(now)
-                if len(self.buckets) >= self.limit:  # every one still spent: the oldest
-                    del self.buckets[next(iter(self.buckets))]
+            if len(self.buckets) >= self.limit:  # the one looked at longest ago goes
+                del self.buckets[next(iter(self.buckets))]
             bucket = self.buckets[key] = TokenBucket(self.rate, self.burst, now)
         return bucket
 
@@ -64,16 +64,17 @@ class AddressBuckets:
             return True  # 0 = unlimited
         return self.bucket(key, now).take(now)
 
-    def forget_refilled(self, now: float) -> None:
+    def forget_refilled(self, now: float, limit: int = FORGET_PER_CALL) -> None:
         """Drop the buckets that are full again (forgetting a full bucket
-        changes nothing: a new one starts full)."""
-        rate, burst = self.rate, self.burst
-        for key in [
-            key
-            for key, bucket in self.buckets.items()
-            if bucket.tokens + (now - bucket.updated) * rate >= burst
-        ]:
-            del self.buckets[key]
+        changes nothing: a new one starts full). Looks at ``limit`` of them
+        per call, oldest first, and moves those still spent to the back, so a
+        call never takes long however many addresses there are."""
+        buckets, rate, burst = self.buckets, self.rate, self.burst
+        for _ in range(min(limit, len(buckets))):
+            key = next(iter(buckets))
+            bucket = buckets.pop(key)
+            if bucket.tokens + (now - bucket.updated) * rate < burst:
+                buckets[key] = bucket  # still spent: looked at again later
 
 
 class PendingByAddress:

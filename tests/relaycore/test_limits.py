@@ -208,6 +208,17 @@ def test_address_buckets_outlive_connections_until_refilled() -> None:
     assert sum(buckets.take("A", 5.0) for _ in range(30)) == 20
 
 
+def test_address_buckets_are_bounded_and_forgotten_a_slice_at_a_time() -> None:
+    buckets = AddressBuckets(rate=1.0, burst=2.0, limit=1000)
+    for number in range(1500):  # spent buckets of 1500 addresses: the oldest go
+        buckets.take(f"198.51.{number // 256}.{number % 256}", 0.0)
+    assert len(buckets.buckets) == 1000
+    buckets.forget_refilled(10.0, limit=300)  # all full again; 300 looked at
+    assert len(buckets.buckets) == 700
+    buckets.forget_refilled(10.0)
+    assert buckets.buckets == {}
+
+
 def test_new_connections_from_one_address_bring_no_fresh_onion_burst() -> None:
     options = RelayOptions(
         onion_rate_per_client=50.0, onion_burst_per_client=200.0,
