@@ -119,8 +119,9 @@ def is_sendable(host: str, port: int) -> bool:
     """Whether the relay should send a client's datagram there at all.
 
     The reference sends anywhere; we refuse port 0 and addresses that reach
-    more than one host or none (broadcast, multicast, unspecified), so a
-    client cannot turn the relay into a reflector (docs/differences.md).
+    more than one host or none (broadcast, multicast, unspecified). Private
+    and own addresses are refused on top of this by ``relaycore.nexthop``
+    (docs/differences.md row 9 says exactly what is refused).
     """
     if port == 0:
         return False
