@@ -178,6 +178,55 @@ def test_ctrl_c_while_workers_start(relay: RelayProcess) -> None:
     assert b"Traceback" not in stderr
 
 
+def test_clients_disconnected_by_a_reload_fail_the_run(tmp_path: Path) -> None:
+    """Issue 14 point 3: the relay closes every client half-way (SIGHUP
+    replaces its worker); the run fails with that cause, exit status 1, and
+    reports the rate while traffic flowed beside the whole-window rate."""
+    relay = start_relay(tmp_path / "relay", workers=1)
+    try:
+        proc = subprocess.Popen(
+            [*LOADTEST, "throughput", *target(relay), "-P", "2", "-W", "4", "-S", "100",
+             "--warmup", "0.2", "--duration", "3", "--drain", "0.5", "--processes", "1",
+             "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        )  # fmt: skip
+        stderr = ""
+        try:
+            assert proc.stderr is not None
+            while "measuring" not in stderr and proc.poll() is None:
+                stderr += os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
+            time.sleep(1.0)
+            os.kill(relay.pid, signal.SIGHUP)
+            stdout, rest = proc.communicate(timeout=RUN_TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        relay.stop()
+    assert proc.returncode == 1, stderr + rest
+    report = json.loads(stdout)
+    assert report["status"] == "failed"
+    assert "4 of 4 connections closed by the relay" in report["failure"]
+    assert "--max-disconnect-fraction" in report["failure"]
+    results = report["results"]
+    assert 0.5 < results["flowing_s"] < report["measured_s"] - 0.5
+    assert results["frames_per_s_flowing"] > 1.5 * results["frames_per_s"] > 0
+
+
+def test_wrong_relay_key_fails_with_the_cause(relay: RelayProcess) -> None:
+    wrong = bytes(32).hex()
+    result = loadtest(
+        "handshake", relay.host, str(relay.port), wrong, "-C", "8", "-K", "4",
+        "--processes", "1", "--connect-timeout", "2", "--json", "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    report = report_of(result)
+    assert report["status"] == "failed" and report["failure"] == "no handshake succeeded"
+    assert report["checks"][0]["bad"] == 8 and not report["checks"][0]["ok"]
+    assert report["errors"]["total"] == 8
+
+
 @pytest.mark.reference
 def test_handshake_against_tox_bootstrapd(tmp_path: Path) -> None:
     if not bootstrapd_available():
