@@ -79,6 +79,7 @@ def _results(options: LoadtestOptions, outcome: PoolOutcome) -> dict[str, Any]:
         return {
             "pairs": counts["pairs"],
             "frames": counts["frames"],
+            "frames_total": counts["frames total"],  # the whole run, warm-up and drain too
             "frames_per_s": _rate(counts["frames"], window),
             # The same frames over only the time they flowed (dead time left out).
             "flowing_s": flowing,

@@ -66,6 +66,9 @@ def test_throughput(relay: RelayProcess, tmp_path: Path) -> None:
     assert report["status"] == "ok" and report["errors"]["total"] == 0
     assert results["pairs"] == 3
     assert results["frames"] > 100 and results["frames_per_s"] > 100
+    assert results["frames_total"] >= results["frames"]  # warm-up and drain too
+    assert 0 < results["flowing_s"] <= report["measured_s"]
+    assert [check["ok"] for check in report["checks"]] == [True, True, True]
     assert results["payload_mb_per_s"] == pytest.approx(results["frames_per_s"] * 200 / 1e6)
     assert results["sent"] > 0 and results["lost"] == 0 and results["sent"] == results["echoed"]
     latency = report["latency_ms"]
