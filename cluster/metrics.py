@@ -64,9 +64,12 @@ class ClusterStats:
     slot_of_shard: dict[int, int] = field(default_factory=dict)
     restarts_by_slot: Counter = field(default_factory=Counter)
     retired_cpu_by_slot: Counter = field(default_factory=Counter)
+    retired_shards: set[int] = field(default_factory=set)
 
     def record(self, shard: int, pid: int, report: dict, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
+        if shard in self.retired_shards:
+            return  # a report that was still queued when its worker ended: counted
         sample = WorkerSample(self.slot_of_shard.get(shard, -1), shard, pid, report, now)
         previous = self.workers.get(shard)
         if previous is not None and now > previous.received_at:
@@ -83,6 +86,7 @@ class ClusterStats:
 
     def retire(self, shard: int) -> None:
         """A worker process ended: keep its counters in the totals forever."""
+        self.retired_shards.add(shard)
         sample = self.workers.pop(shard, None)
         if sample is not None:
             self.retired.update(sample.report["counters"])

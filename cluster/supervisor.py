@@ -44,6 +44,7 @@ BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
 STABLE_AFTER = 10.0  # a process that ran this long resets its back-off
 FINAL_REPORT_WAIT = 0.5  # seconds to read an exited worker's FINAL line
+FINAL_REPORT_LIMIT = 1 << 20  # bytes of its output kept while looking for it
 
 
 class StartupError(Exception):
@@ -93,9 +94,11 @@ async def read_final_report(process: asyncio.subprocess.Process) -> dict | None:
     (None after a crash or a kill: no such line)."""
     if process.stdout is None:
         return None
+    rest = b""
     try:
         async with asyncio.timeout(FINAL_REPORT_WAIT):
-            rest = await process.stdout.read()
+            while chunk := await process.stdout.read(FINAL_REPORT_LIMIT):
+                rest = (rest + chunk)[-FINAL_REPORT_LIMIT:]  # the FINAL line is the last
     except (TimeoutError, OSError):
         return None
     finals = [line for line in rest.splitlines() if line.startswith(b"FINAL ")]

@@ -43,6 +43,9 @@ def test_counters_never_go_backwards_when_a_worker_is_replaced() -> None:
     stats.record(3, 300, report(5), now=2.0)
     assert stats.totals()["frames_in"] == 85  # 50 retired + 30 + 5
     assert stats.connections()["confirmed"] == 2
+    # A report of the ended worker that was still queued is not counted twice.
+    stats.record(1, 100, report(60), now=2.5)
+    assert stats.totals()["frames_in"] == 85 and len(stats.workers) == 2
 
 
 def test_worker_cpu_is_one_series_per_slot_across_restarts() -> None:

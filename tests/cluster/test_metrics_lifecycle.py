@@ -13,11 +13,13 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 from cluster.client import ConnectionClosed, RelayClient
+from cluster.supervisor import read_final_report
 from relaycore.packets import ConnectNotification, RoutedData, RoutingResponse
 from tests.support.relay_process import RelayProcess, start_relay
 
@@ -201,3 +203,18 @@ def test_accepted_connections_exclude_refused_ones(tmp_path: Path) -> None:
         assert value(text, "toxrelay_accepted_connections_total") == 2
     finally:
         relay.stop()
+
+
+def test_final_report_is_the_last_final_line_and_garbage_is_ignored() -> None:
+    async def final_of(script: str) -> dict | None:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+        )
+        await process.wait()
+        return await read_final_report(process)
+
+    good = 'print("READY 1 x"); print("FINAL " + \'{"counters": {"relayed": 3}}\')'
+    assert asyncio.run(final_of(good)) == {"counters": {"relayed": 3}}
+    assert asyncio.run(final_of('print("FINAL {not json")')) is None
+    assert asyncio.run(final_of('print("FINAL [1, 2]")')) is None
+    assert asyncio.run(final_of("import os; os.kill(os.getpid(), 9)")) is None
