@@ -273,7 +273,7 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, str]]:
          + (f", {busy:.0%} busy" if busy is not None and math.isfinite(busy) else ""))
     )  # fmt: skip
     rows += [
-        (check["check"], f"{check['value']:.2%} (limit {check['limit']:g})"
+        (check["check"], f"{check['value']:.2%} (limit {check['limit'] * 100:g}%)"
          + ("" if check["ok"] else " FAILED"))
         for check in report["checks"]
     ]  # fmt: skip

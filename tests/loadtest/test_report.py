@@ -120,7 +120,8 @@ def test_partial_handshake_failures_fail_the_run() -> None:
     )
     assert report["checks"][0]["check"] == "handshake failure fraction"
     assert report["checks"][0]["value"] == 0.42 and not report["checks"][0]["ok"]
-    assert "FAILED" in render_table(report) and "42 of 100" in render_table(report)
+    table = render_table(report)
+    assert "42.00% (limit 1%) FAILED" in table and "42 of 100" in table
     # The user sets the limit.
     tolerant = handshake_options("--max-failure-fraction", "0.5")
     assert build_report(tolerant, outcome(handshake_result(58)))["status"] == "ok"  # type: ignore[arg-type]
