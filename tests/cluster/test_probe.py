@@ -87,3 +87,13 @@ def test_probe_refuses_a_malformed_key() -> None:
     zeros = probe("127.0.0.1", "33445", bytes(32).hex())
     assert zeros.returncode == 2 and "is not a usable public key" in zeros.stderr
     assert "Traceback" not in zeros.stderr
+
+
+def test_probe_of_a_silent_server_times_out_clearly() -> None:
+    with socket.socket() as silent:  # accepts (kernel backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        result = probe("127.0.0.1", str(port), WRONG_KEY, "--timeout", "0.5")
+    assert result.returncode == 1
+    assert "no answer to the handshake within 0.5 s" in result.stderr
