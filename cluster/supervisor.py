@@ -43,6 +43,8 @@ STOP_TIMEOUT = 4.0  # SIGTERM -> SIGKILL; the whole stop stays under 5 s
 BACKOFF_FIRST = 0.2
 BACKOFF_MAX = 5.0
 STABLE_AFTER = 10.0  # a process that ran this long resets its back-off
+FINAL_REPORT_WAIT = 0.5  # seconds to read an exited worker's FINAL line
+FINAL_REPORT_LIMIT = 1 << 20  # bytes of its output kept while looking for it
 
 
 class StartupError(Exception):
@@ -85,6 +87,29 @@ def resolve_udp_port(host: str, port: int) -> int:
         except OSError as error:
             raise StartupError(f"cannot bind a UDP port on {host}: {error.strerror}") from None
         return sock.getsockname()[1]
+
+
+async def read_final_report(process: asyncio.subprocess.Process) -> dict | None:
+    """The ``FINAL <json>`` report an exited worker printed after a clean stop
+    (None after a crash or a kill: no such line)."""
+    if process.stdout is None:
+        return None
+    rest = b""
+    try:
+        async with asyncio.timeout(FINAL_REPORT_WAIT):
+            while chunk := await process.stdout.read(FINAL_REPORT_LIMIT):
+                rest = (rest + chunk)[-FINAL_REPORT_LIMIT:]  # the FINAL line is the last
+    except (TimeoutError, OSError):
+        return None
+    finals = [line for line in rest.splitlines() if line.startswith(b"FINAL ")]
+    if not finals:
+        return None
+    try:
+        report = json.loads(finals[-1].removeprefix(b"FINAL "))
+    except ValueError:
+        log.warning("undecodable final report of pid %d dropped", process.pid)
+        return None
+    return report if isinstance(report, dict) and "counters" in report else None
 
 
 class Supervisor:
@@ -192,7 +217,7 @@ class Supervisor:
         if managed is self.coordinator:
             self.stats.coordinator_restarts += 1
         elif managed.shard is not None:
-            self.stats.retire(managed.shard)
+            await self._hand_over(managed.shard, process)
             self.stats.worker_restarts += 1
             self.stats.restarts_by_slot[managed.index] += 1
             self._tell_coordinator(["drop", managed.shard])
@@ -293,6 +318,9 @@ class Supervisor:
         await stop.wait()
         log.info("stopping the cluster")
         await self._stop_children()
+        # The last numbers, since nothing can scrape them any more.
+        totals = json.dumps(dict(sorted(self.stats.totals().items())), separators=(",", ":"))
+        self.output(f"Final counters: {totals}")
         return 0
 
     def _start_metrics(self) -> str:
@@ -349,7 +377,8 @@ class Supervisor:
                     await self._terminate(old)
                 if old_shard is not None:
                     self._tell_coordinator(["drop", old_shard])
-                    self.stats.retire(old_shard)
+                    if old is not None:
+                        await self._hand_over(old_shard, old)
                 log.info("worker %d replaced (shard %s -> %s)", index, old_shard, slot.shard)
             self.output("Reload complete")
         finally:
@@ -365,12 +394,26 @@ class Supervisor:
                 process.kill()
             await process.wait()
 
+    async def _hand_over(self, shard: int, process: asyncio.subprocess.Process) -> None:
+        """Fold an exited worker's counts into the retired totals: its FINAL
+        report after a clean stop (SIGTERM: reload, stop), else its last
+        periodic report (a worker killed by a signal loses at most the counts
+        of the second since that report)."""
+        report = await read_final_report(process)
+        if report is not None and shard in self.stats.slot_of_shard:
+            self.stats.record(shard, process.pid, report)
+        self.stats.retire(shard)
+
     async def _stop_children(self) -> None:
         self._stopping = True
+        workers = [(slot.shard, slot.process) for slot in self.slots if slot.process]
         children = [slot.process for slot in [*self.slots, self.coordinator] if slot.process]
         await asyncio.gather(*(self._terminate(process) for process in children))
         for task in list(self._tasks):
             task.cancel()
+        for shard, process in workers:
+            if shard is not None:
+                await self._hand_over(shard, process)
         for sample in list(self.stats.workers):
             self.stats.retire(sample)
         with contextlib.suppress(zmq.ZMQError, ValueError):

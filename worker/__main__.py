@@ -3,11 +3,15 @@
 Reads its whole specification as one JSON object on standard input (so the
 secret key is never in argv or the environment), binds its ports with
 SO_REUSEPORT, joins the cluster, and prints ``READY <shard> <address>...``
-when it accepts connections.
+when it accepts connections. After a SIGTERM/SIGINT stop it prints
+``FINAL <report as JSON>``: the counters of its whole life, read by the
+supervisor after the process has exited (the periodic reports miss the last
+second and the connections the stop closed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -49,6 +53,10 @@ def main() -> int:
             line += f" private={private[0]}"
         print(line, flush=True)
 
+    def hand_over(report: dict) -> None:
+        with contextlib.suppress(OSError):  # the supervisor is gone (why we stopped)
+            print("FINAL " + json.dumps(report, separators=(",", ":")), flush=True)
+
     run_shard(
         bytes.fromhex(spec["secret_key"]),
         RelayOptions(**spec["options"]),
@@ -57,6 +65,7 @@ def main() -> int:
         ClusterSpec(shard_id, Path(spec["runtime_dir"])),
         spec["backlog"],
         onion,
+        hand_over,
     )
     return 0
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from coordinator.client import CoordinatorClient, ReplicaHandler
 from relaycore.shardlink import MapUpdate
 from worker.bus import PeerBus
-from worker.reporting import StatsReporter
+from worker.reporting import StatsReporter, shard_report
 from worker.shard import Shard
 
 CLOSE_LINGER_MS = 1000  # bounded wait for the last messages at shutdown
@@ -78,6 +78,11 @@ class ClusterMember(ReplicaHandler):
 
     def after_input(self) -> None:
         self.shard.flush()
+
+    def final_report(self) -> dict:
+        """The counters after the stop (``python -m worker`` prints it as its
+        ``FINAL`` line, which the supervisor reads once the process has exited)."""
+        return shard_report(self.shard, self._cluster_counters())
 
     def close(self) -> None:
         """Send what is still queued (within a bound), then close the sockets."""

@@ -118,7 +118,11 @@ async def serve_until_stopped(
     cluster: ClusterSpec | None = None,
     backlog: int = 1024,
     onion: OnionSpec | None = None,
+    on_stopped: Callable[[dict], None] | None = None,
 ) -> None:
+    """Serve until SIGINT/SIGTERM; then close every connection and hand
+    ``on_stopped`` the shard's final report (its counters include the
+    ``closed.shutdown`` of this stop), so no count is lost at a reload or stop."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -145,6 +149,8 @@ async def serve_until_stopped(
         log.warning("stop took longer than %.0f s; exiting anyway", STOP_TIMEOUT)
     if member is not None:
         member.close()  # sends the UNLINK / UNREGISTER messages the stop produced
+        if on_stopped is not None:
+            on_stopped(member.final_report())
 
 
 def run_shard(
@@ -155,6 +161,11 @@ def run_shard(
     cluster: ClusterSpec | None = None,
     backlog: int = 1024,
     onion: OnionSpec | None = None,
+    on_stopped: Callable[[dict], None] | None = None,
 ) -> None:
     """Serve on ``sockets`` with uvloop until SIGINT/SIGTERM."""
-    uvloop.run(serve_until_stopped(secret_key, options, sockets, on_ready, cluster, backlog, onion))
+    uvloop.run(
+        serve_until_stopped(
+            secret_key, options, sockets, on_ready, cluster, backlog, onion, on_stopped
+        )
+    )
