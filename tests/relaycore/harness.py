@@ -227,6 +227,9 @@ class Network:
                     continue
                 self.server.receive(peer.connection, data, self.now)
                 self._collect()
+                while peer.connection.more_input:  # the adapter's later turns
+                    self.server.receive(peer.connection, b"", self.now)
+                    self._collect()
                 moved = True
 
     def tick(self, now: float) -> None:
