@@ -28,7 +28,7 @@ _ZEROS = re.compile(b"\x00*")
 class SecureChannel:
     """Session key + nonce counters + the receive buffer of one connection."""
 
-    __slots__ = ("key", "send_nonce", "recv_nonce", "_buffer")
+    __slots__ = ("key", "send_nonce", "recv_nonce", "_buffer", "empty_frames")
 
     def __init__(self, key: bytes, send_base_nonce: bytes, recv_base_nonce: bytes) -> None:
         if len(key) != KEY_SIZE:
@@ -37,6 +37,7 @@ class SecureChannel:
         self.send_nonce = nonce_int(send_base_nonce)
         self.recv_nonce = nonce_int(recv_base_nonce)
         self._buffer = bytearray()
+        self.empty_frames = 0  # L = 0 frames skipped so far (R-FRAME-3)
 
     @property
     def buffered(self) -> int:
@@ -90,6 +91,7 @@ class SecureChannel:
                     # them (00 xx when n is odd) is not zero.
                     run = _ZEROS.match(buffer, position).end() - position
                     position += run & ~1
+                    self.empty_frames += run >> 1
                     continue
                 if length > MAX_PACKET_SIZE:
                     raise ProtocolViolation("R-FRAME-2", f"frame length {length} > 2048")

@@ -31,7 +31,17 @@ MAX_TICK_FAILURES = 3
 # Why a client's socket is not read (ClientProtocol._paused, a bit set):
 _WRITING = 1  # it does not read what we send (pause_writing)
 _WAITING = 2  # its routing request waits for another shard's answer
-_BUDGET = 4  # FRAMES_PER_RECEIVE frames were handled; the rest on a later turn
+_BUDGET = 4  # this turn's share was taken (frames or bytes); more on a later turn
+# A read that brought this much is one loop turn's share for that client: its
+# socket is not read again before the next turn, whatever it holds (libuv
+# reads a busy socket up to 32 times per turn; a stream of empty frames could
+# take ~8 MB per turn without this).
+READ_BYTES_PER_TURN = 64 * 1024
+# A read that was mostly empty frames (00 00, R-FRAME-3: nothing for anyone)
+# costs that client this long without reading: a stream of them gets at most
+# one read (256 KB) per pause, ~25 MB/s, instead of a whole CPU. (The
+# reference stops reading such a connection until its next tick, R-FRAME-3.)
+EMPTY_FRAMES_PAUSE = 0.01  # seconds
 
 
 def bind_reuseport(host: str, port: int, kind: int) -> socket.socket:
@@ -140,14 +150,23 @@ class ClientProtocol(asyncio.Protocol):
             return
         shard = self.shard
         try:
+            channel = connection.channel
+            empty_before = channel.empty_frames if channel is not None else 0
             shard.server.receive(connection, data, shard.loop.time())
             shard.flush()
-            self.after_input()
+            if len(data) < READ_BYTES_PER_TURN:
+                self.after_input()
+            else:
+                channel = connection.channel
+                empty = channel.empty_frames - empty_before if channel is not None else 0
+                self.after_input(turn_taken=True, idle=2 * empty >= READ_BYTES_PER_TURN)
         except Exception:
             shard.contain(self, "data_received")
 
-    def after_input(self) -> None:
-        """Stop or start reading as the core's state of this connection says."""
+    def after_input(self, turn_taken: bool = False, idle: bool = False) -> None:
+        """Stop or start reading as the core's state of this connection says;
+        ``turn_taken``: this loop turn's share of reading was used up; ``idle``:
+        by empty frames (reading waits EMPTY_FRAMES_PAUSE)."""
         connection, transport = self.connection, self.transport
         if connection is None or transport is None:
             return
@@ -158,24 +177,29 @@ class ClientProtocol(asyncio.Protocol):
             self.shard.waiting.add(self)  # flush() looks again when answers come
         else:
             self._resume(_WAITING)
-        if connection.more_input:
+        if connection.more_input or turn_taken:
             self._pause(_BUDGET)
             if not self._reading_more:
                 self._reading_more = True
-                self.shard.loop.call_soon(self._read_more)
+                if idle:
+                    self.shard.loop.call_later(EMPTY_FRAMES_PAUSE, self._read_more)
+                else:
+                    self.shard.loop.call_soon(self._read_more)
         else:
             self._resume(_BUDGET)
 
     def _read_more(self) -> None:
-        """The next share of what the core has buffered (FRAMES_PER_RECEIVE)."""
+        """A later turn: the next share of what the core has buffered
+        (FRAMES_PER_RECEIVE), or reading from the socket again."""
         self._reading_more = False
         connection = self.connection
-        if connection is None or not connection.more_input:
+        if connection is None:
             return
         shard = self.shard
         try:
-            shard.server.receive(connection, b"", shard.loop.time())
-            shard.flush()
+            if connection.more_input:
+                shard.server.receive(connection, b"", shard.loop.time())
+                shard.flush()
             self.after_input()
         except Exception:
             shard.contain(self, "data_received")

@@ -24,6 +24,7 @@ from tests.coordinator.replica import RecordingHandler
 from tests.support.inprocess import live_relay, wait_for
 from tests.worker.test_shard import linked_pair
 from worker.bus import PeerBus
+from worker.shard import EMPTY_FRAMES_PAUSE
 
 WANT = (1, b"a" * 32, 1 << 32 | 1, b"b" * 32, 2 << 32 | 1)
 
@@ -289,5 +290,26 @@ def test_a_long_burst_of_frames_is_shared_out_over_loop_turns() -> None:
                 assert await a.expect(Pong) == Pong(b"burst...")
             assert max(calls) == FRAMES_PER_RECEIVE
             assert sum(calls) >= count
+
+    run(scenario())
+
+
+def test_a_stream_of_empty_frames_is_read_one_share_per_pause() -> None:
+    """Finding 4: reads that bring only empty frames make the relay wait
+    EMPTY_FRAMES_PAUSE before reading that client again, so a stream of
+    them cannot take a CPU; other clients are served meanwhile."""
+
+    async def scenario() -> None:
+        async with live_relay() as relay:
+            a, b = await relay.client(), await relay.client()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            a.send_raw(bytes(4 << 20))
+            a.send(Ping(b"afterall"))
+            assert await b.ping() < 0.1
+            assert await a.expect(Pong) == Pong(b"afterall")
+            reads = (4 << 20) // 256_000  # at most 256000 bytes per read
+            assert loop.time() - started >= reads * EMPTY_FRAMES_PAUSE * 0.9
+            assert not a.closed.done()
 
     run(scenario())
