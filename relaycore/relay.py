@@ -5,7 +5,11 @@ channel, the 240 routing slots, links between slots, the key index, pings and
 the output queue decisions. It is sans-IO: the adapter feeds it bytes with
 ``receive(connection, data, now)``, drives ``tick(now)`` about once a second
 and, after each call, writes ``connection.outbox`` of every connection in
-``take_dirty()`` and closes every connection in ``take_closed()``.
+``take_dirty()`` and closes every connection in ``take_closed()``. While
+``connection.more_input`` is set it calls ``receive(connection, b"", now)``
+again on a later turn, and while ``connection.waiting_for`` is set it should
+stop reading that connection's socket (issue 10: bounded work per call,
+bounded input held).
 """
 
 from __future__ import annotations

@@ -223,13 +223,15 @@ class Network:
             moved = False
             for peer in list(self._by_connection.values()):
                 data = peer.client.take_outbox()
-                if not data or peer.closed or peer.eof:
+                if peer.closed or peer.eof:
                     continue
-                self.server.receive(peer.connection, data, self.now)
-                self._collect()
-                while peer.connection.more_input:  # the adapter's later turns
+                if data:
+                    self.server.receive(peer.connection, data, self.now)
+                elif peer.connection.more_input:  # the adapter's later turn
                     self.server.receive(peer.connection, b"", self.now)
-                    self._collect()
+                else:
+                    continue
+                self._collect()
                 moved = True
 
     def tick(self, now: float) -> None:

@@ -184,3 +184,23 @@ def test_kills_and_links_keep_the_invariants() -> None:
     net.peer_eof("a")
     assert b.take() == [DisconnectNotification(16)]
     net.server.check_invariants()
+
+
+def test_frames_held_while_waiting_are_shared_out_after_the_answer() -> None:
+    """The answer reads what waited, FRAMES_PER_RECEIVE at a time
+    (``more_input`` for the adapter), in order."""
+    net = Network(shard=1)
+    net.server.set_peer_shards([2])
+    a = net.connect("a")
+    net.server.apply_map_update((MapUpdate.SET, REMOTE_KEY, 2, OLD, None, None))
+    a.client.send(RoutingRequest(REMOTE_KEY))
+    count = FRAMES_PER_RECEIVE + 44
+    for index in range(count):
+        a.client.send(Ping(index.to_bytes(8, "big")))
+    net.pump()
+    assert a.take() == [RoutingResponse(16, REMOTE_KEY)]
+    epoch = a.connection.epoch
+    net.server.receive_link(2, (Link.NOLINK, REMOTE_KEY, OLD, a.public_key, epoch), net.now)
+    assert a.connection.more_input
+    net.pump()
+    assert a.take() == [Pong(index.to_bytes(8, "big")) for index in range(count)]
