@@ -27,6 +27,9 @@ LABELLED_COUNTERS = {
     "onion.": ("onion_packets", "event", "Onion requests sent, replies delivered or crossed."),
     "forward.": ("forward_packets", "event", "Forward requests sent, replies delivered."),
     "udp.": ("udp_datagrams", "event", "UDP datagrams sent, errors, ignored packets."),
+    "internal_errors.": (
+        "internal_errors", "where", "Unexpected exceptions contained, by where they were caught."
+    ),
 }  # fmt: skip
 PLAIN_COUNTERS = {
     "accepted": ("accepted_connections", "Sockets accepted."),

@@ -117,6 +117,22 @@ def test_collector_exposes_onion_and_bus_counters() -> None:
     assert totals["onion_requests"] == 4 and totals["onion_replies_crossed_shards"] == 2
 
 
+def test_contained_errors_are_one_labelled_counter_that_survives_a_restart() -> None:
+    """Issue 10 finding 2: toxrelay_internal_errors_total{where}."""
+    stats = ClusterStats()
+    stats.slot_of_shard.update({1: 0, 2: 1})
+    sample = report(1)
+    sample["counters"].update({"internal_errors.tick": 2, "internal_errors.bus_message": 1})
+    stats.record(1, 100, sample, now=1.0)
+    stats.retire(1)
+    other = report(1)
+    other["counters"]["internal_errors.tick"] = 1
+    stats.record(2, 200, other, now=2.0)
+    text = scrape(stats)
+    assert 'toxrelay_internal_errors_total{where="tick"} 3.0' in text
+    assert 'toxrelay_internal_errors_total{where="bus_message"} 1.0' in text
+
+
 def metric(text: str, name: str) -> float:
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     assert match, f"{name} not in the metrics"
