@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from relaycore.onion import Datagram, OnionSecrets
 from relaycore.options import RelayOptions
 from relaycore.relay import ConnectionRefused, ConnectionState, RelayServer, ServerConnection
+from relaycore.shardlink import EPOCH_RENEW_MARGIN
 
 log = logging.getLogger("worker.shard")
 
@@ -180,6 +181,9 @@ class Shard:
         self._timer: asyncio.TimerHandle | None = None
         self.refusals = 0
         self.after_flush: Callable[[], None] | None = None  # the cluster link's hook
+        # Called once when the core's epochs run low: the process must be
+        # replaced by a fresh incarnation (a new shard id) before they run out.
+        self.on_epochs_low: Callable[[], None] | None = None
         self.loop_lag = 0.0
         self._tick_due = 0.0
 
@@ -256,6 +260,9 @@ class Shard:
         self.loop_lag = max(0.0, now - self._tick_due)  # how late this timer fired
         self.server.tick(now)
         self.flush()
+        if self.on_epochs_low is not None and self.server.epochs_left < EPOCH_RENEW_MARGIN:
+            on_epochs_low, self.on_epochs_low = self.on_epochs_low, None
+            on_epochs_low()
         self._schedule_tick()
 
     def _schedule_tick(self) -> None:
