@@ -394,6 +394,7 @@ class Supervisor:
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._request_reload)
         try:
             self._acquire()
             await self._bind_local_endpoints()
@@ -406,15 +407,16 @@ class Supervisor:
             if not starting.done():
                 log.info("stop requested during start-up")
                 starting.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StartupError, TimeoutError):
+                with contextlib.suppress(
+                    asyncio.CancelledError, StartupError, TimeoutError, OSError
+                ):
                     await starting
                 return 0
             stopped.cancel()
             try:
                 starting.result()
-            except (StartupError, TimeoutError) as error:
+            except (StartupError, TimeoutError, OSError) as error:
                 raise StartupError(f"cluster did not start: {error}") from None
-            loop.add_signal_handler(signal.SIGHUP, self._request_reload)
             self._announce_ready()
             await stop.wait()
             log.info("stopping the cluster")
@@ -490,6 +492,9 @@ class Supervisor:
                 log.warning("undecodable report dropped")
 
     def _request_reload(self) -> None:
+        if not self._ready:
+            log.warning("SIGHUP ignored: the cluster is still starting")
+            return
         if self._reloading or self._stopping:
             return
         task = asyncio.get_running_loop().create_task(self.reload())

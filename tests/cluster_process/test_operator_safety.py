@@ -213,3 +213,35 @@ def test_sigterm_during_start_up_stops_promptly_and_cleanly(tmp_path: Path) -> N
     assert not (workdir / "relay-admin.sock").exists()
     with socket.socket() as probe:  # the port was released
         probe.bind((HOST, port))
+
+
+def test_sighup_during_start_up_is_ignored_not_fatal(tmp_path: Path) -> None:
+    """SIGHUP's default action kills the process: during start-up it must not."""
+    workdir = tmp_path / "relay"
+    proc = subprocess.Popen(
+        start_command(workdir, "--port", "0", "--udp-port", "0", "--workers", "6"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=workdir,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not children_of(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGHUP)
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Relay ready"):
+                break
+        assert lines and lines[-1].startswith("Relay ready"), lines
+        os.kill(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0
+    assert "SIGHUP ignored: the cluster is still starting" in stderr
