@@ -278,7 +278,11 @@ class Supervisor:
             *args,
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
-            start_new_session=False,
+            # A session of its own: a terminal's Ctrl-C reaches only the
+            # supervisor, which stops the children in order (SIGINT in a child
+            # still importing printed a KeyboardInterrupt traceback). A child
+            # whose supervisor dies notices and stops; systemd kills the cgroup.
+            start_new_session=True,
         )
         managed.process = process
         managed.started_at = loop.time()
