@@ -60,7 +60,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         log.info("created a new keys file %s (mode 0600)", config.keys_file)
     raise_open_file_limit(config.min_open_files)  # the workers inherit it
     log.info(
-        "config: workers=%d handshake_timeout=%ss max_connections=%d per_ip=%d max_unconfirmed=%d",
+        "config: workers=%d handshake_timeout=%ss per worker: max_connections=%d per_ip=%d "
+        "max_unconfirmed=%d",
         config.workers or (os.cpu_count() or 1),
         config.handshake_timeout,
         config.max_connections,

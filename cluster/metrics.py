@@ -234,6 +234,12 @@ class ClusterCollector(Collector):
             "Resident memory of each worker.",
             labels=["worker"],
         )
+        held = GaugeMetricFamily(
+            f"{PREFIX}_worker_connections",
+            "Connections each worker holds now, in any state (what max_connections limits: "
+            "it applies per worker).",
+            labels=["worker"],
+        )
         cpu = CounterMetricFamily(
             f"{PREFIX}_worker_cpu_seconds",
             "CPU time of each worker slot, over all its processes.",
@@ -243,8 +249,10 @@ class ClusterCollector(Collector):
             worker = str(sample.slot)
             lag.add_metric([worker], sample.report["loop_lag"])
             rss.add_metric([worker], sample.report["rss"])
+            held.add_metric([worker], sum(sample.report["connections"].values()))
         for slot, seconds in sorted(stats.cpu_seconds_by_slot().items()):
             cpu.add_metric([str(slot)], seconds)
         yield lag
         yield rss
+        yield held
         yield cpu

@@ -60,7 +60,16 @@ from relaycore.packets import (
     RoutingRequest,
     decode_client_packet,
 )
-from relaycore.shardlink import EPOCH_COUNTER_BITS, Epoch, Link, MapUpdate, Registry, ShardId
+from relaycore.shardlink import (
+    EPOCH_COUNTER_BITS,
+    EPOCH_COUNTER_MAX,
+    INCARNATION_MAX,
+    Epoch,
+    Link,
+    MapUpdate,
+    Registry,
+    ShardId,
+)
 
 _ZERO_PING_ID = bytes(SERVER_PING_ID_SIZE)
 # Seconds a connection waits for another shard to answer its routing request
@@ -255,6 +264,8 @@ class RelayServer:
         # Cluster state (unused with shard=None).
         self.shard = shard
         self.clustered = shard is not None
+        if not 0 <= incarnation <= INCARNATION_MAX:
+            raise ValueError(f"incarnation {incarnation} does not fit the epoch's high 32 bits")
         self._epoch_base = incarnation << EPOCH_COUNTER_BITS
         self._epoch_serial = 0  # a connection gets a new epoch when our keys were dropped
         self.directory: dict[bytes, RemotePeer] = {}  # replica of the routing map, other shards
@@ -530,9 +541,18 @@ class RelayServer:
         self.stats["handshakes"] += 1
         return rest
 
+    @property
+    def epochs_left(self) -> int:
+        """Confirmations this server can still give a cluster-unique epoch."""
+        return EPOCH_COUNTER_MAX - self._epoch_serial
+
     def _confirm(self, connection: ServerConnection, now: float) -> None:
         key = connection.public_key
         assert key is not None
+        if self._epoch_serial >= EPOCH_COUNTER_MAX:
+            # One more would carry into the incarnation bits: another shard's
+            # epochs. Refused before anything changes; the worker is replaced.
+            raise ProtocolViolation("epochs_exhausted")
         previous = self.by_key.get(key)
         if previous is not None:  # R-CONF-3: last confirmed wins
             self.kill(previous, "R-CONF-3")

@@ -31,20 +31,28 @@ from worker.shard import open_listening_socket, open_udp_socket
 
 
 def main() -> int:
-    spec = json.loads(sys.stdin.readline())
+    line = sys.stdin.readline()
+    if not line:
+        return 1  # the supervisor went away before it sent our specification
+    spec = json.loads(line)
     shard_id = spec["shard"]
     configure_logging(spec["log_level"], spec["log_format"], f"worker[{shard_id}]")
     raise_open_file_limit(spec["min_open_files"])
-    sockets = bind_listeners(ListenSpec(spec["host"], spec["ports"], spec["backlog"]))
-    shared = len(sockets)
-    if spec.get("private_port"):  # tests and diagnostics: reach this shard directly
-        sockets.append(open_listening_socket(spec["host"], 0, spec["backlog"]))
-    onion = None
-    if spec.get("udp_port") is not None:
-        onion = OnionSpec(
-            open_udp_socket(spec["host"], spec["udp_port"]),
-            OnionSecrets(bytes.fromhex(spec["onion_secret"])),
-        )
+    try:
+        sockets = bind_listeners(ListenSpec(spec["host"], spec["ports"], spec["backlog"]))
+        shared = len(sockets)
+        if spec.get("private_port"):  # tests and diagnostics: reach this shard directly
+            sockets.append(open_listening_socket(spec["host"], 0, spec["backlog"]))
+        onion = None
+        if spec.get("udp_port") is not None:
+            onion = OnionSpec(
+                open_udp_socket(spec["host"], spec["udp_port"]),
+                OnionSecrets(bytes.fromhex(spec["onion_secret"])),
+            )
+    except OSError as error:
+        # One line for the supervisor to report (issue 14 point 5), not a traceback.
+        print(f"ERROR {error.strerror or error}", flush=True)
+        return 1
 
     def announce(addresses: list[str]) -> None:
         private = addresses[shared:]

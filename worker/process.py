@@ -137,6 +137,17 @@ async def serve_until_stopped(
     member = ClusterMember(shard, cluster.runtime_dir) if cluster else None
     if cluster is not None:
         _stop_when_orphaned(loop, os.getppid(), stopping)
+
+        def renew() -> None:
+            log.warning(
+                "shard %d has %d epochs left: exiting so that the supervisor starts a fresh "
+                "shard (an epoch must never reach another shard's)",
+                cluster.shard_id,
+                shard.server.epochs_left,
+            )
+            stopping.set()
+
+        shard.on_epochs_low = renew
     await shard.serve(sockets, backlog, onion.udp_socket if onion else None)
     if member is not None:
         member.start()

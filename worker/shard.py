@@ -17,6 +17,7 @@ from relaycore.errors import InvariantBroken
 from relaycore.onion import Datagram, OnionSecrets
 from relaycore.options import RelayOptions
 from relaycore.relay import ConnectionRefused, ConnectionState, RelayServer, ServerConnection
+from relaycore.shardlink import EPOCH_RENEW_MARGIN
 from worker.faults import Faults, exit_broken
 
 log = logging.getLogger("worker.shard")
@@ -281,6 +282,9 @@ class Shard:
         self._timer: asyncio.TimerHandle | None = None
         self.refusals = 0
         self.after_flush: Callable[[], None] | None = None  # the cluster link's hook
+        # Called once when the core's epochs run low: the process must be
+        # replaced by a fresh incarnation (a new shard id) before they run out.
+        self.on_epochs_low: Callable[[], None] | None = None
         self.loop_lag = 0.0
         self._tick_due = 0.0
         self._tick_failures = 0
@@ -403,6 +407,9 @@ class Shard:
         if self._tick_failures >= MAX_TICK_FAILURES:
             self.on_broken(f"the timer failed {self._tick_failures} times in a row")
         self.check_core()
+        if self.on_epochs_low is not None and self.server.epochs_left < EPOCH_RENEW_MARGIN:
+            on_epochs_low, self.on_epochs_low = self.on_epochs_low, None
+            on_epochs_low()
 
     def _schedule_tick(self) -> None:
         self._tick_due = self.loop.time() + self.tick_interval
