@@ -12,13 +12,18 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 
-class AdminSocketInUse(Exception):
+class AdminSocketError(Exception):
+    """The admin socket cannot be created; the message names the path and why."""
+
+
+class AdminSocketInUse(AdminSocketError):
     pass
 
 
@@ -27,16 +32,10 @@ class NoCluster(Exception):
 
 
 async def serve_admin(path: Path, status: Callable[[], dict]) -> asyncio.AbstractServer:
-    """Listen on ``path`` (0600); refuses to replace a socket a live cluster answers on."""
-    if path.exists() or path.is_symlink():
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                probe.settimeout(1)
-                probe.connect(str(path))
-        except OSError:
-            path.unlink()  # left behind by a cluster that died
-        else:
-            raise AdminSocketInUse(f"admin_socket: {path} is in use by a running cluster")
+    """Listen on ``path`` (0600). Only a stale socket is ever removed there:
+    refuses to replace a socket a live cluster answers on, and any file that
+    is not a socket (``--admin-socket relay.keys`` must not delete the keys)."""
+    remove_stale_socket(path)
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -58,6 +57,38 @@ async def serve_admin(path: Path, status: Callable[[], dict]) -> asyncio.Abstrac
         os.umask(old_umask)
     os.chmod(path, 0o600)
     return server
+
+
+def remove_stale_socket(path: Path) -> None:
+    """Remove ``path`` if ``lstat`` says it is a socket nobody answers on."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise AdminSocketError(f"admin_socket: {path}: {error.strerror}") from None
+    if not stat.S_ISSOCK(mode):
+        raise AdminSocketError(
+            f"admin_socket: {path} exists and is not a socket; refusing to replace it "
+            "(choose another admin_socket path)"
+        )
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1)
+            probe.connect(str(path))
+    except OSError:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # left behind by a cluster that died
+    else:
+        raise AdminSocketInUse(f"admin_socket: {path} is in use by a running cluster")
+
+
+def remove_own_socket(path: Path, inode: int) -> None:
+    """At stop: remove the socket we created, not whatever replaced it since."""
+    with contextlib.suppress(OSError):
+        status = os.lstat(path)
+        if stat.S_ISSOCK(status.st_mode) and status.st_ino == inode:
+            path.unlink()
 
 
 def query_status(path: Path, timeout: float = 5.0) -> dict:

@@ -1,4 +1,4 @@
-"""The ``cluster`` command: keygen, pubkey, start."""
+"""The ``cluster`` command: keygen, pubkey, start, status, loadtest, probe."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from cluster.config import ConfigError, RelayConfig, load_config
 from cluster.keys import KeysFileError, create_keys, load_keys, load_or_create_keys
 from cluster.loadtest.cli import add_parser as add_loadtest_parser
+from cluster.probe import add_parser as add_probe_parser
 from worker.logs import configure_logging
 
 DEFAULT_KEYS = RelayConfig().keys_file
@@ -59,7 +60,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         log.info("created a new keys file %s (mode 0600)", config.keys_file)
     raise_open_file_limit(config.min_open_files)  # the workers inherit it
     log.info(
-        "config: workers=%d handshake_timeout=%ss max_connections=%d per_ip=%d max_unconfirmed=%d",
+        "config: workers=%d handshake_timeout=%ss per worker: max_connections=%d per_ip=%d "
+        "max_unconfirmed=%d",
         config.workers or (os.cpu_count() or 1),
         config.handshake_timeout,
         config.max_connections,
@@ -199,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(handler=_cmd_status)
 
     add_loadtest_parser(sub)
+    add_probe_parser(sub)
     return parser
 
 

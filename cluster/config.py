@@ -8,6 +8,7 @@ Every key is documented in ``ops/cluster.example.toml``; keep the two in step
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import tomllib
 from dataclasses import dataclass, fields, replace
@@ -104,6 +105,8 @@ def _int(key: str, value: object, minimum: int, maximum: int | None = None) -> i
 def _number(key: str, value: object, minimum: float, unit: str = "seconds") -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{key}: expected a number of {unit}, got {_type_name(value)} {value!r}")
+    if not math.isfinite(value):  # nan compares false with everything: it would pass
+        raise ConfigError(f"{key}: {value} is not a finite number")
     if value < minimum:
         raise ConfigError(f"{key}: {value} is out of range (must be >= {minimum})")
     return float(value)
@@ -161,8 +164,6 @@ def _validate(key: str, value: object) -> object:
         case "admin_socket":
             if not isinstance(value, str | Path) or not str(value):
                 raise ConfigError(f"admin_socket: expected a path, got {value!r}")
-            if len(os.fsencode(os.path.abspath(value))) > 100:
-                raise ConfigError(f"admin_socket: {value!r} is too long for a unix socket path")
             return Path(value)
         case "log_format":
             if value not in LOG_FORMATS:
@@ -198,20 +199,57 @@ def _check_consistency(config: RelayConfig) -> None:
         )
 
 
+# Paths: one rule for both. A path in the configuration file is relative to
+# that file's directory; a path given as a flag, to the working directory.
+PATH_KEYS = ("keys_file", "admin_socket")
+UNIX_SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux; keep a margin
+
+
+def _check_paths(config: RelayConfig) -> None:
+    if len(os.fsencode(os.path.abspath(config.admin_socket))) > UNIX_SOCKET_PATH_MAX:
+        raise ConfigError(
+            f"admin_socket: {str(config.admin_socket)!r} is too long for a unix socket path "
+            f"(at most {UNIX_SOCKET_PATH_MAX} bytes once absolute)"
+        )
+
+
+def flag_name(key: str) -> str:
+    """The command-line flag that sets ``key`` (for error messages)."""
+    return {"ports": "--port", "keys_file": "--keys"}.get(key, "--" + key.replace("_", "-"))
+
+
 def build_config(
-    file_values: dict[str, Any], overrides: dict[str, Any], base_dir: Path
+    file_values: dict[str, Any],
+    overrides: dict[str, Any],
+    base_dir: Path,
+    source: str | None = None,
 ) -> RelayConfig:
-    """Defaults <- file values <- overrides (flags); every value checked."""
+    """Defaults <- file values <- overrides (flags); every value checked.
+
+    A bad file value is blamed on ``source`` (the file) and the key; a bad
+    flag value on the flag."""
     values: dict[str, Any] = {}
-    for source in (file_values, overrides):
-        for key, value in source.items():
-            if value is None:
-                continue
+    for key, value in file_values.items():
+        try:
             values[key] = _validate(key, value)
-    if overrides.get("keys_file") is None and "keys_file" in values:
-        values["keys_file"] = base_dir / values["keys_file"]  # relative to the config file
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}" if source else str(error)) from None
+        if key in PATH_KEYS:
+            values[key] = base_dir / values[key]  # relative to the configuration file
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        try:
+            values[key] = _validate(key, value)
+        except ConfigError as error:
+            problem = str(error).removeprefix(f"{key}: ")
+            raise ConfigError(f"{flag_name(key)}: {problem}") from None
     config = replace(RelayConfig(), **values)
-    _check_consistency(config)
+    try:
+        _check_paths(config)
+        _check_consistency(config)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}" if source else str(error)) from None
     return config
 
 
@@ -231,7 +269,4 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> RelayConfig:
     if path is None:
         return build_config({}, overrides, Path(os.getcwd()))
     file_values = read_config_file(path)
-    try:
-        return build_config(file_values, overrides, path.resolve().parent)
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
+    return build_config(file_values, overrides, path.resolve().parent, source=str(path))

@@ -2,8 +2,9 @@
 format tox-bootstrapd uses, so an operator can move a node's identity.
 
 Created with mode 0600 (exclusive create, never following a symlink) when
-missing; refused when group/world readable, shorter than 64 bytes, or when
-the halves do not belong together (tcp-relay-protocol.md §17 item 9).
+missing; refused when group/world readable, not exactly 64 bytes (a longer
+file is not a keys file: a wrong path, or an identity we would silently cut),
+or when the halves do not belong together (tcp-relay-protocol.md §17 item 9).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ class RelayIdentity:
 
 
 def _check_halves(path: Path, data: bytes) -> RelayIdentity:
-    if len(data) < KEYS_FILE_SIZE:
+    if len(data) != KEYS_FILE_SIZE:
+        size = f"{len(data)}" if len(data) <= KEYS_FILE_SIZE else f"more than {KEYS_FILE_SIZE}"
         raise KeysFileError(
-            f"{path}: keys file is {len(data)} bytes; it must be 64 (public key || secret key)"
+            f"{path}: keys file is {size} bytes; it must be exactly 64 (public key || secret key)"
         )
     public_key, secret_key = data[:32], data[32:64]
     if public_key_of(secret_key) != public_key:

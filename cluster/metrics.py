@@ -27,6 +27,9 @@ LABELLED_COUNTERS = {
     "onion.": ("onion_packets", "event", "Onion requests sent, replies delivered or crossed."),
     "forward.": ("forward_packets", "event", "Forward requests sent, replies delivered."),
     "udp.": ("udp_datagrams", "event", "UDP datagrams sent, errors, ignored packets."),
+    "internal_errors.": (
+        "internal_errors", "where", "Unexpected exceptions contained, by where they were caught."
+    ),
 }  # fmt: skip
 PLAIN_COUNTERS = {
     "accepted": ("accepted_connections", "Sockets accepted."),
@@ -66,9 +69,13 @@ class ClusterStats:
     coordinator_restarts: int = 0
     slot_of_shard: dict[int, int] = field(default_factory=dict)
     restarts_by_slot: Counter = field(default_factory=Counter)
+    retired_cpu_by_slot: Counter = field(default_factory=Counter)
+    retired_shards: set[int] = field(default_factory=set)
 
     def record(self, shard: int, pid: int, report: dict, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
+        if shard in self.retired_shards:
+            return  # a report that was still queued when its worker ended: counted
         sample = WorkerSample(self.slot_of_shard.get(shard, -1), shard, pid, report, now)
         previous = self.workers.get(shard)
         if previous is not None and now > previous.received_at:
@@ -85,9 +92,19 @@ class ClusterStats:
 
     def retire(self, shard: int) -> None:
         """A worker process ended: keep its counters in the totals forever."""
+        self.retired_shards.add(shard)
         sample = self.workers.pop(shard, None)
         if sample is not None:
             self.retired.update(sample.report["counters"])
+            self.retired_cpu_by_slot[sample.slot] += sample.report["cpu"]
+
+    def cpu_seconds_by_slot(self) -> dict[int, float]:
+        """CPU time of every process that ran in each worker slot: one series
+        per slot that never goes backwards across restarts and reloads."""
+        cpu: dict[int, float] = dict(self.retired_cpu_by_slot)
+        for sample in self.workers.values():
+            cpu[sample.slot] = cpu.get(sample.slot, 0.0) + sample.report["cpu"]
+        return cpu
 
     def totals(self) -> Counter:
         total = Counter(self.retired)
@@ -220,16 +237,25 @@ class ClusterCollector(Collector):
             "Resident memory of each worker.",
             labels=["worker"],
         )
+        held = GaugeMetricFamily(
+            f"{PREFIX}_worker_connections",
+            "Connections each worker holds now, in any state (what max_connections limits: "
+            "it applies per worker).",
+            labels=["worker"],
+        )
         cpu = CounterMetricFamily(
             f"{PREFIX}_worker_cpu_seconds",
-            "CPU time of each worker process.",
-            labels=["worker", "shard"],
+            "CPU time of each worker slot, over all its processes.",
+            labels=["worker"],
         )
         for sample in stats.workers.values():
             worker = str(sample.slot)
             lag.add_metric([worker], sample.report["loop_lag"])
             rss.add_metric([worker], sample.report["rss"])
-            cpu.add_metric([worker, str(sample.shard)], sample.report["cpu"])
+            held.add_metric([worker], sum(sample.report["connections"].values()))
+        for slot, seconds in sorted(stats.cpu_seconds_by_slot().items()):
+            cpu.add_metric([str(slot)], seconds)
         yield lag
         yield rss
+        yield held
         yield cpu

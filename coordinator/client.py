@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
@@ -55,7 +56,11 @@ class CoordinatorClient:
         loop: asyncio.AbstractEventLoop,
         handler: ReplicaHandler,
         context: zmq.Context | None = None,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_error(where)`` is called from an ``except`` block for an
+        exception a message raised (it is skipped; default: counted as
+        ``message_errors``)."""
         self.shard = shard
         self.loop = loop
         self.handler = handler
@@ -81,6 +86,8 @@ class CoordinatorClient:
         self._snapshot_requests = 0  # the number of the last snapshot request
         self._snapshot_asked_at = 0.0
         self.events_dropped = 0
+        self.message_errors = 0
+        self.on_error = on_error or self._count_error
         self._timer: asyncio.TimerHandle | None = None
         for sock in (self.dealer, self.subscriber):
             loop.add_reader(sock.getsockopt(zmq.FD), self._readable)
@@ -138,12 +145,16 @@ class CoordinatorClient:
             log.error("coordinator unreachable: registry events dropped; will resync")
 
     def _heartbeat(self) -> None:
-        self._send(["heartbeat", self.shard])
-        self.flush_events()  # retries what a full socket held back
-        if self.syncing and self.loop.time() - self._snapshot_asked_at > SNAPSHOT_RETRY:
-            log.warning("no snapshot %d yet: asking again", self._snapshot_requests)
-            self._request_snapshot(merge=False)
-        self._timer = self.loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
+        try:
+            self._send(["heartbeat", self.shard])
+            self.flush_events()  # retries what a full socket held back
+            if self.syncing and self.loop.time() - self._snapshot_asked_at > SNAPSHOT_RETRY:
+                log.warning("no snapshot %d yet: asking again", self._snapshot_requests)
+                self._request_snapshot(merge=False)
+        except Exception:
+            self.on_error("coordinator_heartbeat")
+        finally:
+            self._timer = self.loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
 
     def _request_snapshot(self, merge: bool) -> None:
         """Ask for a snapshot, behind our registry events on the one DEALER:
@@ -162,7 +173,14 @@ class CoordinatorClient:
 
     # -- receiving -------------------------------------------------------------
 
+    def _count_error(self, where: str) -> None:
+        self.message_errors += 1
+
     def _readable(self) -> None:
+        """Drain both sockets (ZeroMQ's descriptor only signals a change: a
+        reader that stopped early would not be woken again). A message that
+        does not decode or whose handling raises is counted and skipped; a
+        skipped map update shows as a gap, which fetches a snapshot."""
         for sock, handle in (
             (self.subscriber, self._on_publication),
             (self.dealer, self._on_reply),
@@ -174,10 +192,16 @@ class CoordinatorClient:
                     break
                 except zmq.ZMQError:
                     return  # closed
-                handle(unpack(payload))
+                try:
+                    handle(unpack(payload))
+                except Exception:
+                    self.on_error("coordinator_message")
             else:
                 self.loop.call_soon(self._readable)  # more queued: come back
-        self.handler.after_input()
+        try:
+            self.handler.after_input()
+        except Exception:
+            self.on_error("coordinator_message")
 
     def _coordinator_seen(self, incarnation: int) -> bool:
         """True when this is a new coordinator (restart): re-register, merge."""

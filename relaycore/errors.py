@@ -16,3 +16,8 @@ class ProtocolViolation(Exception):
 
 class HandshakeError(ProtocolViolation):
     """The 128-byte hello or the 96-byte reply did not open."""
+
+
+class InvariantBroken(Exception):
+    """The relay table contradicts itself (a bug, never a client's doing):
+    the process must end so that its supervisor starts a clean one."""

@@ -6,6 +6,7 @@ byte stream into plaintexts and plaintexts into frames. It is used unchanged
 by the server sessions and the client library.
 """
 
+import re
 from collections.abc import Iterator
 
 from relaycore.constants import CRYPTO_MAC_SIZE, MAX_PACKET_SIZE, MAX_PLAINTEXT_SIZE
@@ -19,11 +20,15 @@ from relaycore.crypto import (
 )
 from relaycore.errors import ProtocolViolation
 
+# A run of zero bytes, matched at C speed: a stream of empty frames (00 00,
+# R-FRAME-3) is skipped in one step instead of one loop turn per frame.
+_ZEROS = re.compile(b"\x00*")
+
 
 class SecureChannel:
     """Session key + nonce counters + the receive buffer of one connection."""
 
-    __slots__ = ("key", "send_nonce", "recv_nonce", "_buffer")
+    __slots__ = ("key", "send_nonce", "recv_nonce", "_buffer", "empty_frames")
 
     def __init__(self, key: bytes, send_base_nonce: bytes, recv_base_nonce: bytes) -> None:
         if len(key) != KEY_SIZE:
@@ -32,6 +37,7 @@ class SecureChannel:
         self.send_nonce = nonce_int(send_base_nonce)
         self.recv_nonce = nonce_int(recv_base_nonce)
         self._buffer = bytearray()
+        self.empty_frames = 0  # L = 0 frames skipped so far (R-FRAME-3)
 
     @property
     def buffered(self) -> int:
@@ -47,6 +53,19 @@ class SecureChannel:
         self.send_nonce = (nonce + 1) % NONCE_MODULUS
         boxed = seal_unchecked(self.key, nonce.to_bytes(24, "big"), plain)
         return len(boxed).to_bytes(2, "big") + boxed
+
+    def has_frame(self) -> bool:
+        """Whether the buffer holds a whole frame (or a bad length) to read."""
+        buffer = self._buffer
+        position = _ZEROS.match(buffer).end() & ~1  # whole 00 00 pairs only
+        if len(buffer) - position < 2:
+            return False
+        length = (buffer[position] << 8) | buffer[position + 1]
+        return (
+            length <= CRYPTO_MAC_SIZE
+            or length > MAX_PACKET_SIZE
+            or (len(buffer) - position - 2 >= length)
+        )
 
     def hold(self, data: bytes) -> None:
         """Keep bytes for a later ``receive`` without parsing them now."""
@@ -67,7 +86,12 @@ class SecureChannel:
             while end - position >= 2:
                 length = (buffer[position] << 8) | buffer[position + 1]
                 if length == 0:  # R-FRAME-3: ignored, no nonce used
-                    position += 2
+                    # Skip the whole run of empty frames at once: a run of n
+                    # zero bytes holds n // 2 of them, and the length after
+                    # them (00 xx when n is odd) is not zero.
+                    run = _ZEROS.match(buffer, position).end() - position
+                    position += run & ~1
+                    self.empty_frames += run >> 1
                     continue
                 if length > MAX_PACKET_SIZE:
                     raise ProtocolViolation("R-FRAME-2", f"frame length {length} > 2048")

@@ -82,12 +82,13 @@ class PendingByAddress:
     first, with the key that holds the most found in O(1) (half-open floods:
     at the global cap the oldest of that key is evicted)."""
 
-    __slots__ = ("by_key", "_keys_with", "_most")
+    __slots__ = ("by_key", "_keys_with", "_most", "size")
 
     def __init__(self) -> None:
         self.by_key: dict[str, dict[object, None]] = {}  # key -> connections, oldest first
         self._keys_with: dict[int, set[str]] = {}  # count -> keys holding that many
         self._most = 0
+        self.size = 0  # connections held, all keys together
 
     def count(self, key: str) -> int:
         held = self.by_key.get(key)
@@ -111,6 +112,7 @@ class PendingByAddress:
         before = len(held)
         held[connection] = None
         if len(held) != before:
+            self.size += 1
             self._move(key, before, before + 1)
 
     def remove(self, key: str, connection: object) -> None:
@@ -119,6 +121,7 @@ class PendingByAddress:
             return
         before = len(held)
         del held[connection]
+        self.size -= 1
         if not held:
             del self.by_key[key]
         self._move(key, before, before - 1)

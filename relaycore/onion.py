@@ -29,7 +29,7 @@ from typing import NamedTuple
 from nacl.bindings import crypto_secretbox, crypto_secretbox_open
 from nacl.exceptions import CryptoError
 
-from relaycore.constants import CRYPTO_MAC_SIZE, CRYPTO_NONCE_SIZE
+from relaycore.constants import CRYPTO_MAC_SIZE, CRYPTO_NONCE_SIZE, MAX_PACKET_SIZE
 
 # onion-over-tcp.md §1
 SIZE_IPPORT = 19
@@ -57,6 +57,12 @@ _ONION_BODY_MIN = 19 + 2 * 67 + 1  # len(P) > 153 (R-ONION-3)
 _ONION_BODY_MAX = ONION_MAX_PACKET_SIZE + SIZE_IPPORT - (1 + CRYPTO_NONCE_SIZE + ONION_RETURN_1)
 _SENDBACK_TCP_SIZE = 13
 _FORWARD_SENDBACK_SIZE = TIMED_AUTH_SIZE + _SENDBACK_TCP_SIZE  # 45 (R-FWD-7)
+# R-FWD-6: type 11 data fits one frame: 2048 - 2 - 45 = 2001 bytes. A reply
+# with more (any remote node can send one for a sendback it was given) would
+# make a plaintext no frame can carry; it is dropped here, at the first hop.
+MAX_FORWARD_REPLY_DATA = MAX_PACKET_SIZE - 2 - _FORWARD_SENDBACK_SIZE
+# No valid onion or forwarding datagram is longer than a TCP frame may be.
+MAX_DATAGRAM_SIZE = MAX_PACKET_SIZE
 
 
 class ReturnPath(NamedTuple):
@@ -253,12 +259,14 @@ def forwarding(address: bytes, data: bytes, key: bytes, path: ReturnPath, now: f
 
 
 def forward_reply(datagram: bytes, key: bytes, now: float) -> Reply:
-    """A UDP 0x92 reply to the TCP packet ``0b || data`` (R-FWD-5)."""
+    """A UDP 0x92 reply to the TCP packet ``0b || data`` (R-FWD-5, R-FWD-6)."""
     if len(datagram) < 2 + TIMED_AUTH_SIZE:
         raise Dropped("forward_reply_bad_length")
     size = datagram[1]
     if not TIMED_AUTH_SIZE < size <= MAX_SENDBACK_SIZE or len(datagram) < 2 + size:
         raise Dropped("forward_reply_bad_length")
+    if len(datagram) - 2 - size > MAX_FORWARD_REPLY_DATA:
+        raise Dropped("forward_reply_too_long")  # R-FWD-6: could not be framed
     auth = datagram[2 : 2 + TIMED_AUTH_SIZE]
     sendback = datagram[2 + TIMED_AUTH_SIZE : 2 + size]
     bucket = auth_bucket(now)

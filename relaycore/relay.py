@@ -5,7 +5,11 @@ channel, the 240 routing slots, links between slots, the key index, pings and
 the output queue decisions. It is sans-IO: the adapter feeds it bytes with
 ``receive(connection, data, now)``, drives ``tick(now)`` about once a second
 and, after each call, writes ``connection.outbox`` of every connection in
-``take_dirty()`` and closes every connection in ``take_closed()``.
+``take_dirty()`` and closes every connection in ``take_closed()``. While
+``connection.more_input`` is set it calls ``receive(connection, b"", now)``
+again on a later turn, and while ``connection.waiting_for`` is set it should
+stop reading that connection's socket (issue 10: bounded work per call,
+bounded input held).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from relaycore.constants import (
+    MAX_PLAINTEXT_SIZE,
     NUM_CLIENT_CONNECTIONS,
     NUM_RESERVED_PORTS,
     SERVER_PING_ID_SIZE,
@@ -24,12 +29,13 @@ from relaycore.constants import (
     PacketId,
 )
 from relaycore.crypto import CryptoError, beforenm, generate_keypair, public_key_of
-from relaycore.errors import ProtocolViolation
+from relaycore.errors import InvariantBroken, ProtocolViolation
 from relaycore.framing import SecureChannel
 from relaycore.handshake import open_client_hello_keyed, seal_server_reply
 from relaycore.limits import AddressBuckets, PendingByAddress, address_key
 from relaycore.nexthop import NextHopPolicy
 from relaycore.onion import (
+    MAX_DATAGRAM_SIZE,
     NET_PACKET_FORWARD_REPLY,
     NET_PACKET_ONION_RECV_1,
     Datagram,
@@ -56,7 +62,16 @@ from relaycore.packets import (
     RoutingRequest,
     decode_client_packet,
 )
-from relaycore.shardlink import EPOCH_COUNTER_BITS, Epoch, Link, MapUpdate, Registry, ShardId
+from relaycore.shardlink import (
+    EPOCH_COUNTER_BITS,
+    EPOCH_COUNTER_MAX,
+    INCARNATION_MAX,
+    Epoch,
+    Link,
+    MapUpdate,
+    Registry,
+    ShardId,
+)
 
 _ZERO_PING_ID = bytes(SERVER_PING_ID_SIZE)
 # Seconds a connection waits for another shard to answer its routing request
@@ -78,6 +93,16 @@ MAX_SNAPSHOT_REQUESTS = 16
 # The share of the worker's onion budget kept for addresses that have spent
 # less than half of their own burst (onion_rate_per_worker).
 ONION_WORKER_RESERVE = 0.25
+# Bytes a connection may have buffered, unread, while its routing request waits
+# for another shard's answer (its adapter stops reading from the socket then,
+# so only what one read brought can arrive: 256 KiB with uvloop and asyncio).
+# More is killed ("hold_limit"): the input is not ours to keep.
+MAX_HELD_INPUT = 512 * 1024
+# Frames one ``receive`` call handles for one connection; the rest stays
+# buffered, ``more_input`` is set and the adapter calls ``receive(c, b"")``
+# again on a later event-loop turn (with reading paused meanwhile), so no
+# client holds the loop for more than about 1.5 ms (~6 us per PING frame).
+FRAMES_PER_RECEIVE = 256
 
 
 class ConnectionState(Enum):
@@ -151,6 +176,8 @@ class ServerConnection:
         "close_reason",
         "handle",
         "onion_budget",
+        "over_limit",
+        "more_input",
     )
 
     def __init__(self, serial: int, peer_ip: str, now: float) -> None:
@@ -182,6 +209,11 @@ class ServerConnection:
         self.close_reason: str | None = None
         self.handle: object = None  # the adapter's own reference (its transport)
         self.onion_budget: TokenBucket | None = None  # made at its first type 8/10
+        # Its unsent output would have passed output_hard_limit: nothing more
+        # is queued for it, and it is killed when the current call ends.
+        self.over_limit = False
+        # receive() stopped at FRAMES_PER_RECEIVE with complete frames left.
+        self.more_input = False
 
     def __repr__(self) -> str:
         key = self.public_key.hex()[:8] if self.public_key else "-"
@@ -235,10 +267,13 @@ class RelayServer:
         self._identifier = 0  # R-CONF-4: first value 1, never reused
         self._dirty: list[ServerConnection] = []
         self._closed: list[ServerConnection] = []
+        self._over_limit: list[ServerConnection] = []  # killed when the call ends
         self.stats: Counter[str] = Counter()
         # Cluster state (unused with shard=None).
         self.shard = shard
         self.clustered = shard is not None
+        if not 0 <= incarnation <= INCARNATION_MAX:
+            raise ValueError(f"incarnation {incarnation} does not fit the epoch's high 32 bits")
         self._epoch_base = incarnation << EPOCH_COUNTER_BITS
         self._epoch_serial = 0  # a connection gets a new epoch when our keys were dropped
         self.directory: dict[bytes, RemotePeer] = {}  # replica of the routing map, other shards
@@ -311,7 +346,8 @@ class RelayServer:
             # Half-open flood: the address holding the most handshakes loses
             # its oldest, so the newcomer (honest or not) gets a chance.
             victim = self._pending_by_address.oldest_of_busiest()
-            assert isinstance(victim, ServerConnection)
+            if not isinstance(victim, ServerConnection):
+                raise InvariantBroken(f"{len(self.pending)} pending, none held per address")
             self.kill(victim, "evicted_unconfirmed")
         self._serial += 1
         connection = ServerConnection(self._serial, peer_ip, now)
@@ -323,8 +359,15 @@ class RelayServer:
         return connection
 
     def receive(self, connection: ServerConnection, data: bytes, now: float) -> None:
-        """Bytes arrived from a client; handle every complete frame in order."""
+        """Bytes arrived from a client; handle its complete frames in order, at
+        most FRAMES_PER_RECEIVE of them (see ``more_input``)."""
+        self._receive(connection, data, now)
+        if self._over_limit:
+            self._settle()
+
+    def _receive(self, connection: ServerConnection, data: bytes, now: float) -> None:
         self._clock = now
+        connection.more_input = False
         if connection.state is ConnectionState.CLOSED:
             return
         if connection.state is ConnectionState.INCOMING:
@@ -334,11 +377,16 @@ class RelayServer:
         channel = connection.channel
         assert channel is not None
         if connection.waiting_for is not None:
+            if channel.buffered + len(data) > MAX_HELD_INPUT:
+                self.kill(connection, "hold_limit")
+                return
             channel.hold(data)
             return
+        frames = channel.receive(data)
         try:
             stats = self.stats
-            for plain in channel.receive(data):
+            budget = FRAMES_PER_RECEIVE
+            for plain in frames:
                 stats["frames_in"] += 1
                 if connection.state is ConnectionState.UNCONFIRMED:
                     self._confirm(connection, now)  # R-CONF-1
@@ -347,8 +395,48 @@ class RelayServer:
                     return
                 if connection.waiting_for is not None:
                     break  # the rest waits for the other shard's answer
+                budget -= 1
+                if not budget:
+                    frames.close()  # the buffer now starts at the next frame
+                    # The rest waits for a later turn (if a whole frame is left).
+                    connection.more_input = channel.has_frame()
+                    break
         except ProtocolViolation as violation:
             self.kill(connection, violation.rule)
+        finally:
+            frames.close()
+
+    def _settle(self) -> None:
+        """Kill what passed output_hard_limit during the call that ends now:
+        killed in the middle of it, a connection could be linked (or its slots
+        changed) after its kill, by the code that was sending to it."""
+        over_limit = self._over_limit
+        while over_limit:
+            self.kill(over_limit.pop(), "output_hard_limit", discard_output=True)
+
+    def check_invariants(self) -> None:
+        """Cheap consistency checks of the relay table; raises InvariantBroken.
+        A table that fails them is wedged in ways no client can repair: the
+        adapter must end the process (the supervisor starts a clean one)."""
+        confirmed, pending = len(self.by_key), len(self.pending)
+        if self.connection_count != confirmed + pending:
+            raise InvariantBroken(
+                f"{self.connection_count} connections counted, "
+                f"{confirmed} confirmed + {pending} pending held"
+            )
+        if len(self.by_epoch) != confirmed:
+            raise InvariantBroken(f"{len(self.by_epoch)} epochs for {confirmed} keys")
+        if sum(self.connections_per_ip.values()) != self.connection_count:
+            raise InvariantBroken("per-address counts do not add up")
+        if self._pending_by_address.size != pending:
+            raise InvariantBroken(
+                f"{self._pending_by_address.size} handshakes per address, {pending} pending"
+            )
+        if self._over_limit:
+            raise InvariantBroken("a kill at output_hard_limit was never made")
+        for connection in self._waiting:
+            if connection.state is not ConnectionState.CONFIRMED or connection.waiting_for is None:
+                raise InvariantBroken(f"{connection!r} waits but cannot be answered")
 
     def peer_closed(self, connection: ServerConnection, now: float) -> None:
         """The client's socket reached EOF or failed (R-KILL-4)."""
@@ -357,6 +445,8 @@ class RelayServer:
         connection.peer_closed = True
         if self.options.close_on_peer_eof or connection.state is not ConnectionState.CONFIRMED:
             self.kill(connection, "R-KILL-4")
+            if self._over_limit:
+                self._settle()
         # else: 0.2.18 behaviour, the ping timeout (R-PING-4) ends it later.
 
     def tick(self, now: float) -> None:
@@ -365,7 +455,7 @@ class RelayServer:
         options = self.options
         for connection in list(self.by_key.values()):
             if connection.state is not ConnectionState.CONFIRMED:
-                continue  # killed earlier in this loop (a peer's kill hit output_hard_limit)
+                continue  # killed earlier in this loop (a peer's ping timeout)
             if now >= connection.last_pinged + options.ping_interval:  # R-PING-2
                 ping_id = self._random_bytes(SERVER_PING_ID_SIZE)
                 if ping_id == _ZERO_PING_ID:
@@ -398,9 +488,12 @@ class RelayServer:
                 self.kill(connection, "handshake_timeout")
         self._onion_by_address.forget_refilled(now)
         self._oob_broadcast_by_address.forget_refilled(now)
+        self._settle()
 
     def take_dirty(self) -> list[ServerConnection]:
         """Connections with new bytes in ``outbox`` since the last call."""
+        if self._over_limit:  # (every entry point settles; this is a backstop)
+            self._settle()
         dirty, self._dirty = self._dirty, []
         return dirty
 
@@ -492,9 +585,18 @@ class RelayServer:
         self.stats["handshakes"] += 1
         return rest
 
+    @property
+    def epochs_left(self) -> int:
+        """Confirmations this server can still give a cluster-unique epoch."""
+        return EPOCH_COUNTER_MAX - self._epoch_serial
+
     def _confirm(self, connection: ServerConnection, now: float) -> None:
         key = connection.public_key
         assert key is not None
+        if self._epoch_serial >= EPOCH_COUNTER_MAX:
+            # One more would carry into the incarnation bits: another shard's
+            # epochs. Refused before anything changes; the worker is replaced.
+            raise ProtocolViolation("epochs_exhausted")
         previous = self.by_key.get(key)
         if previous is not None:  # R-CONF-3: last confirmed wins
             self.kill(previous, "R-CONF-3")
@@ -612,7 +714,7 @@ class RelayServer:
             self._send_priority(connection, b"\x01\x00" + public_key)
             return
         self._send_priority(connection, bytes((1, index + NUM_RESERVED_PORTS)) + public_key)
-        if connection.state is ConnectionState.CLOSED:
+        if connection.over_limit:
             return  # the reply passed output_hard_limit: no slot, no link
         slot = connection.slots[index] = Slot(public_key)
         connection.slot_of_key[public_key] = index
@@ -642,8 +744,8 @@ class RelayServer:
             self._send_link(Link.UNLINK, other.public_key, other.epoch, old)  # type: ignore[arg-type]
             self._end_remote_link(other, other_index, old)
         self._send_priority(connection, bytes((2, index + NUM_RESERVED_PORTS)))
-        if connection.state is ConnectionState.CLOSED:
-            return  # killed (output_hard_limit) before the link existed: O is not told
+        if connection.over_limit:
+            return  # passed output_hard_limit before the link existed: O is not told
         slot.state = other_slot.state = SlotState.LINKED
         slot.peer, slot.peer_slot = other, other_index
         other_slot.peer, other_slot.peer_slot = connection, index
@@ -706,6 +808,9 @@ class RelayServer:
         """A UDP datagram arrived on the relay's port (from anyone)."""
         self._clock = now
         stats = self.stats
+        if len(data) > MAX_DATAGRAM_SIZE:
+            stats["dropped.datagram_too_long"] += 1  # no valid reply is (R-FWD-6)
+            return
         kind = data[0] if data else -1
         try:
             if kind == NET_PACKET_ONION_RECV_1:
@@ -732,6 +837,10 @@ class RelayServer:
 
     def _deliver_reply(self, epoch: Epoch, plain: bytes) -> None:
         """Type 9 / 11 to the connection instance that asked (R-ORET-5, R-FWD-5)."""
+        if len(plain) > MAX_PLAINTEXT_SIZE:
+            # Checked where it arrived (R-FWD-6); this one came over the bus.
+            self.stats["dropped.reply_too_long"] += 1
+            return
         connection = self.by_epoch.get(epoch)
         if connection is None:
             self.stats["dropped.reply_stale"] += 1  # it closed or reconnected since
@@ -895,6 +1004,11 @@ class RelayServer:
 
     def receive_link(self, from_shard: ShardId, message: tuple, now: float) -> None:
         """A link message from another shard (handlers are idempotent)."""
+        self._receive_link(from_shard, message, now)
+        if self._over_limit:
+            self._settle()
+
+    def _receive_link(self, from_shard: ShardId, message: tuple, now: float) -> None:
         self._clock = now
         kind = message[0]
         if kind == Link.DATA:
@@ -959,6 +1073,11 @@ class RelayServer:
 
     def apply_map_update(self, update: tuple) -> None:
         """One sequenced update of the routing map from the coordinator."""
+        self._apply_map_update(update)
+        if self._over_limit:
+            self._settle()
+
+    def _apply_map_update(self, update: tuple) -> None:
         kind = update[0]
         if kind == MapUpdate.SET:
             _, public_key, shard, epoch, replaced_shard, replaced_epoch = update
@@ -1109,9 +1228,10 @@ class RelayServer:
                 )
         for public_key, remote in snapshot.items():
             if self.directory.get(public_key) != remote:
-                self.apply_map_update(
+                self._apply_map_update(
                     (MapUpdate.SET, public_key, remote.shard, remote.epoch, None, None)
                 )
+        self._settle()
 
     def _note_dead(self, remote: RemotePeer) -> None:
         """The map says ``remote`` was replaced or has ended: refuse its link
@@ -1196,7 +1316,7 @@ class RelayServer:
         connection.waiting_for = None
         self._waiting.discard(connection)
         if connection.state is not ConnectionState.CLOSED:
-            self.receive(connection, b"", now)
+            self._receive(connection, b"", now)
 
     def _end_remote_links(
         self, remote: RemotePeer, only: tuple[bytes, Epoch] | None = None
@@ -1249,10 +1369,13 @@ class RelayServer:
     def _send_priority(self, connection: ServerConnection, plain: bytes) -> None:
         """R-OUT-1: never dropped; but a connection that lets it pile up past the
         hard limit is killed rather than allowed to eat memory."""
-        if connection.state is ConnectionState.CLOSED:
+        if connection.state is ConnectionState.CLOSED or connection.over_limit:
             return
         if connection.unsent + len(plain) > self.options.output_hard_limit:
-            self.kill(connection, "output_hard_limit", discard_output=True)
+            # Killed when the current call ends (_settle), not here: the caller
+            # may be in the middle of changing this connection's links.
+            connection.over_limit = True
+            self._over_limit.append(connection)
             return
         self._append(connection, connection.channel.encrypt(plain))  # type: ignore[union-attr]
 

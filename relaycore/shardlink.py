@@ -39,6 +39,14 @@ ShardId = int
 Epoch = int
 
 EPOCH_COUNTER_BITS = 32
+# Epochs are u64 on the wire (the onion / forward sendback, msgpack on the
+# bus): the incarnation takes the high 32 bits, the counter the low 32. The
+# counter never carries into the incarnation (issue 10 finding 9): a server
+# whose counter is spent confirms no one more, and its worker is replaced by
+# a fresh incarnation well before that (EPOCH_RENEW_MARGIN).
+EPOCH_COUNTER_MAX = (1 << EPOCH_COUNTER_BITS) - 1
+INCARNATION_MAX = (1 << (64 - EPOCH_COUNTER_BITS)) - 1
+EPOCH_RENEW_MARGIN = 1 << 24  # epochs left when a worker asks to be replaced
 
 
 class Link(IntEnum):

@@ -7,6 +7,12 @@ order. Messages produced during one event-loop turn are batched per
 destination (msgpack) and sent once, without blocking: when a destination is
 stuck past the high-water mark the batch is dropped and counted, never
 waited for. Same-shard traffic never gets here.
+
+The reader survives anything a batch holds: what does not decode is counted
+(``undecodable``), an exception from ``deliver`` is contained (``on_error``)
+and the next batch is read. ZeroMQ's descriptor only signals a change, so a
+reader that stopped early would never be woken again: it drains the socket,
+or comes back on the next loop turn.
 """
 
 from __future__ import annotations
@@ -59,7 +65,10 @@ class PeerBus:
         loop: asyncio.AbstractEventLoop,
         deliver: Callable[[int, list], None],
         context: zmq.Context | None = None,
+        on_error: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_error(where)`` is called from an ``except`` block for an
+        exception ``deliver`` raised (default: counted as ``deliver_errors``)."""
         self.runtime_dir = runtime_dir
         self.shard = shard
         self.loop = loop
@@ -78,6 +87,7 @@ class PeerBus:
         self._outgoing: dict[int, list] = {}
         self._flush_scheduled = False
         self.stats: Counter[str] = Counter()
+        self.on_error = on_error or self._count_error
         loop.add_reader(self.pull.getsockopt(zmq.FD), self._readable)
 
     def send(self, messages: list[tuple[int, tuple]]) -> None:
@@ -137,6 +147,9 @@ class PeerBus:
         if sock is not None:
             sock.close()
 
+    def _count_error(self, where: str) -> None:
+        self.stats["deliver_errors"] += 1
+
     def _readable(self) -> None:
         for _ in range(RECEIVE_BATCHES_PER_TURN):
             try:
@@ -144,14 +157,18 @@ class PeerBus:
             except zmq.Again:
                 return
             except zmq.ZMQError:
-                return
+                return  # closed
             try:
                 from_shard, batch = msgpack.unpackb(payload, raw=False, use_list=False)
+                count = len(batch)
             except (ValueError, msgpack.ExtraData, msgpack.FormatError, TypeError):
                 self.stats["undecodable"] += 1
                 continue
-            self.stats["messages_received"] += len(batch)
-            self.deliver(from_shard, batch)
+            self.stats["messages_received"] += count
+            try:
+                self.deliver(from_shard, batch)
+            except Exception:
+                self.on_error("bus_batch")
         self.loop.call_soon(self._readable)  # more may be queued; let others run first
 
     def close(self, linger_ms: int = 0) -> None:

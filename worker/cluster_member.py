@@ -12,7 +12,7 @@ from pathlib import Path
 from coordinator.client import CoordinatorClient, ReplicaHandler
 from relaycore.shardlink import MapUpdate
 from worker.bus import PeerBus
-from worker.reporting import StatsReporter
+from worker.reporting import StatsReporter, shard_report
 from worker.shard import Shard
 
 CLOSE_LINGER_MS = 1000  # bounded wait for the last messages at shutdown
@@ -24,8 +24,13 @@ class ClusterMember(ReplicaHandler):
         assert server.shard is not None, "a cluster member needs RelayServer(shard=...)"
         self.shard = shard
         self.server = server
-        self.bus = PeerBus(runtime_dir, server.shard, shard.loop, self._deliver)
-        self.coordinator = CoordinatorClient(runtime_dir, server.shard, shard.loop, self)
+        faults = shard.faults
+        self.bus = PeerBus(
+            runtime_dir, server.shard, shard.loop, self._deliver, on_error=faults.contained
+        )
+        self.coordinator = CoordinatorClient(
+            runtime_dir, server.shard, shard.loop, self, on_error=faults.contained
+        )
         self.reporter = StatsReporter(shard, runtime_dir, self._cluster_counters)
         shard.after_flush = self._after_flush
 
@@ -48,10 +53,15 @@ class ClusterMember(ReplicaHandler):
             self.coordinator.send_events(registry)
 
     def _deliver(self, from_shard: int, batch: list) -> None:
+        """Each message on its own: one that raises is counted and skipped."""
         receive_link = self.server.receive_link
         now = self.shard.loop.time()
         for message in batch:
-            receive_link(from_shard, message, now)
+            try:
+                receive_link(from_shard, message, now)
+            except Exception:
+                self.shard.faults.contained("bus_message")
+                self.shard.check_core()
         self.shard.flush()
 
     # ReplicaHandler
@@ -78,6 +88,11 @@ class ClusterMember(ReplicaHandler):
 
     def after_input(self) -> None:
         self.shard.flush()
+
+    def final_report(self) -> dict:
+        """The counters after the stop (``python -m worker`` prints it as its
+        ``FINAL`` line, which the supervisor reads once the process has exited)."""
+        return shard_report(self.shard, self._cluster_counters())
 
     def close(self) -> None:
         """Send what is still queued (within a bound), then close the sockets."""

@@ -118,7 +118,11 @@ async def serve_until_stopped(
     cluster: ClusterSpec | None = None,
     backlog: int = 1024,
     onion: OnionSpec | None = None,
+    on_stopped: Callable[[dict], None] | None = None,
 ) -> None:
+    """Serve until SIGINT/SIGTERM; then close every connection and hand
+    ``on_stopped`` the shard's final report (its counters include the
+    ``closed.shutdown`` of this stop), so no count is lost at a reload or stop."""
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -133,6 +137,17 @@ async def serve_until_stopped(
     member = ClusterMember(shard, cluster.runtime_dir) if cluster else None
     if cluster is not None:
         _stop_when_orphaned(loop, os.getppid(), stopping)
+
+        def renew() -> None:
+            log.warning(
+                "shard %d has %d epochs left: exiting so that the supervisor starts a fresh "
+                "shard (an epoch must never reach another shard's)",
+                cluster.shard_id,
+                shard.server.epochs_left,
+            )
+            stopping.set()
+
+        shard.on_epochs_low = renew
     await shard.serve(sockets, backlog, onion.udp_socket if onion else None)
     if member is not None:
         member.start()
@@ -145,6 +160,8 @@ async def serve_until_stopped(
         log.warning("stop took longer than %.0f s; exiting anyway", STOP_TIMEOUT)
     if member is not None:
         member.close()  # sends the UNLINK / UNREGISTER messages the stop produced
+        if on_stopped is not None:
+            on_stopped(member.final_report())
 
 
 def run_shard(
@@ -155,6 +172,11 @@ def run_shard(
     cluster: ClusterSpec | None = None,
     backlog: int = 1024,
     onion: OnionSpec | None = None,
+    on_stopped: Callable[[dict], None] | None = None,
 ) -> None:
     """Serve on ``sockets`` with uvloop until SIGINT/SIGTERM."""
-    uvloop.run(serve_until_stopped(secret_key, options, sockets, on_ready, cluster, backlog, onion))
+    uvloop.run(
+        serve_until_stopped(
+            secret_key, options, sockets, on_ready, cluster, backlog, onion, on_stopped
+        )
+    )

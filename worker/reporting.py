@@ -68,15 +68,19 @@ class StatsReporter:
         self._report()
 
     def _report(self) -> None:
-        message = [
-            "stats",
-            self.shard.server.shard,
-            os.getpid(),
-            shard_report(self.shard, self.extra()),
-        ]
-        with contextlib.suppress(zmq.Again):
-            self.socket.send(msgpack.packb(message, use_bin_type=True), zmq.NOBLOCK)
-        self._timer = self.shard.loop.call_later(REPORT_INTERVAL, self._report)
+        try:
+            message = [
+                "stats",
+                self.shard.server.shard,
+                os.getpid(),
+                shard_report(self.shard, self.extra()),
+            ]
+            with contextlib.suppress(zmq.Again):
+                self.socket.send(msgpack.packb(message, use_bin_type=True), zmq.NOBLOCK)
+        except Exception:
+            self.shard.faults.contained("report")
+        finally:
+            self._timer = self.shard.loop.call_later(REPORT_INTERVAL, self._report)
 
     def close(self) -> None:
         if self._timer is not None:

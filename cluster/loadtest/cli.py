@@ -1,7 +1,8 @@
 """The ``cluster loadtest`` subcommand: validate, check limits, run the pool, report.
 
 Exit status: 0 when the run completed, 1 when it failed (no connection could
-be set up, a worker died, a timeout or the deadline passed), 2 for unusable
+be set up, a worker died, a timeout or the deadline passed, or a failure,
+disconnect or loss fraction passed its --max-...-fraction limit), 2 for unusable
 arguments or limits, 128 + signal number when stopped by SIGINT (130) or
 SIGTERM (143) -- with the partial report printed first.
 """
@@ -26,6 +27,12 @@ modes:
               handshakes/s, latency percentiles, failures by cause
   idle        N connections held for D seconds answering the relay's pings:
               how many survived; with --server-pid the relay's memory per connection
+
+The run fails (status failed, exit status 1, the cause in the report) when
+failed handshakes or set-ups, connections closed by the relay, or lost packets
+pass their limits (--max-failure-fraction, --max-disconnect-fraction,
+--max-loss-fraction; 1 % each by default). Rates are reported over the whole
+measured window and over the part of it in which traffic flowed.
 
 Loopback targets only unless --allow-remote. Ctrl-C stops the run and prints
 the partial report (exit status 130).

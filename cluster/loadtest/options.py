@@ -39,6 +39,9 @@ DEFAULT_SETUP_TIMEOUT = 60.0
 DEFAULT_PING_TIMEOUT = 10.0
 HANDSHAKE_RUN_ALLOWANCE = 300.0  # default deadline of the handshake phase itself
 DEADLINE_SLACK = 30.0
+DEFAULT_MAX_FAILURE_FRACTION = 0.01
+DEFAULT_MAX_DISCONNECT_FRACTION = 0.01
+DEFAULT_MAX_LOSS_FRACTION = 0.01
 
 
 class UsageError(Exception):
@@ -82,6 +85,9 @@ class LoadtestOptions:
     json: bool
     quiet: bool
     plot: Path | None
+    max_failure_fraction: float = DEFAULT_MAX_FAILURE_FRACTION
+    max_disconnect_fraction: float = DEFAULT_MAX_DISCONNECT_FRACTION
+    max_loss_fraction: float = DEFAULT_MAX_LOSS_FRACTION
 
     @property
     def units(self) -> int:
@@ -192,6 +198,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="overall limit in seconds; the run is stopped and reported as failed after it "
         "(default: the sum of the phases' limits plus 30 s)",
     )  # fmt: skip
+    verdict = parser.add_argument_group(
+        "verdict",
+        "the run fails (status failed, exit status 1, the cause in the report) when a "
+        "fraction passes its limit; 0 tolerates nothing, 1 everything",
+    )
+    verdict.add_argument(
+        "--max-failure-fraction", type=float, metavar="F", default=DEFAULT_MAX_FAILURE_FRACTION,
+        help="handshake: failed handshakes / attempted; other modes: pairs or connections "
+        f"not set up / requested (default {DEFAULT_MAX_FAILURE_FRACTION:g})",
+    )  # fmt: skip
+    verdict.add_argument(
+        "--max-disconnect-fraction", type=float, metavar="F",
+        default=DEFAULT_MAX_DISCONNECT_FRACTION,
+        help="throughput/oob/idle: connections the relay closed during the run / connections "
+        f"held (default {DEFAULT_MAX_DISCONNECT_FRACTION:g})",
+    )  # fmt: skip
+    verdict.add_argument(
+        "--max-loss-fraction", type=float, metavar="F", default=DEFAULT_MAX_LOSS_FRACTION,
+        help="throughput/oob: packets never echoed / sent "
+        f"(default {DEFAULT_MAX_LOSS_FRACTION:g})",
+    )  # fmt: skip
     out = parser.add_argument_group("output")
     out.add_argument(
         "--server-pid", type=int, metavar="PID",
@@ -274,6 +301,10 @@ def options_from_args(args: argparse.Namespace) -> LoadtestOptions:
     duration = DEFAULT_DURATION[mode] if args.duration is None else args.duration
     if mode != "handshake":
         _positive("--duration", duration)
+    for name in ("max_failure_fraction", "max_disconnect_fraction", "max_loss_fraction"):
+        fraction = getattr(args, name)
+        if not 0 <= fraction <= 1:  # also refuses NaN
+            raise UsageError(f"--{name.replace('_', '-')} must be 0..1, got {fraction:g}")
     if not 1 <= args.source_addresses <= MAX_SOURCE_ADDRESSES:
         raise UsageError(f"--source-addresses must be 1..{MAX_SOURCE_ADDRESSES}")
     if mode in TRAFFIC_MODES:
@@ -320,4 +351,7 @@ def options_from_args(args: argparse.Namespace) -> LoadtestOptions:
         json=args.json,
         quiet=args.quiet,
         plot=args.plot,
+        max_failure_fraction=args.max_failure_fraction,
+        max_disconnect_fraction=args.max_disconnect_fraction,
+        max_loss_fraction=args.max_loss_fraction,
     )

@@ -1,8 +1,9 @@
 """``--plot FILE.png``: the rate over time and the latency distribution.
 
-matplotlib is optional (``pip install 'tox-relay-cluster[plot]'``) and only
-imported here, when a plot is asked for; ``require_matplotlib`` is called
-before the run starts so a missing package fails fast.
+matplotlib is optional (``pip install matplotlib``, or ``pip install -e '.[plot]'``
+in a clone) and only imported here, when a plot is asked for;
+``require_matplotlib`` is called before the run starts so a missing package
+fails fast.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def require_matplotlib() -> None:
     except ImportError:
         raise PlotUnavailable(
             "--plot needs matplotlib, which is not installed: "
-            "pip install 'tox-relay-cluster[plot]' (or pip install matplotlib)"
+            "pip install matplotlib (in a clone of the repository: pip install -e '.[plot]')"
         ) from None
 
 

@@ -3,7 +3,8 @@
 ``build_report`` is the single source of both outputs; its keys are stable
 for scripts (``--json``). Rates use the measured window: throughput/oob the
 window after warm-up (shortened by Ctrl-C), handshake from t0 until the last
-connection finished, idle the hold.
+connection finished, idle the hold; the ``*_flowing`` rates use only the part
+of it in which traffic arrived. ``checks`` are the verdict (``verdict.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from cluster.loadtest.modes.base import CLOSED
 from cluster.loadtest.options import TRAFFIC_MODES, LoadtestOptions
 from cluster.loadtest.pool import PoolOutcome
 from cluster.loadtest.results import WorkerResult
+from cluster.loadtest.verdict import Check, flowing_seconds, run_checks
 
 PERCENTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99))
 
@@ -71,12 +73,17 @@ def _results(options: LoadtestOptions, outcome: PoolOutcome) -> dict[str, Any]:
     result = outcome.result
     counts = result.counts
     window = result.window_s
+    flowing = flowing_seconds(result, outcome.t0)
     if options.mode in TRAFFIC_MODES:
         sent, echoed = counts["sent"], counts["echoed"]
         return {
             "pairs": counts["pairs"],
             "frames": counts["frames"],
+            "frames_total": counts["frames total"],  # the whole run, warm-up and drain too
             "frames_per_s": _rate(counts["frames"], window),
+            # The same frames over only the time they flowed (dead time left out).
+            "flowing_s": flowing,
+            "frames_per_s_flowing": _rate(counts["frames"], flowing),
             "payload_mb_per_s": _rate(counts["payload bytes"], window) / 1e6,
             "sent": sent,
             "echoed": echoed,
@@ -88,6 +95,8 @@ def _results(options: LoadtestOptions, outcome: PoolOutcome) -> dict[str, Any]:
             "handshakes": counts["handshakes"],
             "failures": sum(result.errors.values()),
             "handshakes_per_s": _rate(counts["handshakes"], window),
+            "flowing_s": flowing,
+            "handshakes_per_s_flowing": _rate(counts["handshakes"], flowing),
         }
     return {
         "connected": counts["connected"],
@@ -113,14 +122,16 @@ def _memory(options: LoadtestOptions, outcome: PoolOutcome) -> dict[str, Any] | 
     return memory
 
 
-def _failure(options: LoadtestOptions, outcome: PoolOutcome) -> str | None:
-    """Why the run failed, if it did (the pool's reason, else an empty result)."""
+def _failure(options: LoadtestOptions, outcome: PoolOutcome, checks: list[Check]) -> str | None:
+    """Why the run failed, if it did: the pool's reason, an empty result, or
+    every check over its limit."""
     if outcome.failure or outcome.stop_signal is not None:
         return outcome.failure
     counts = outcome.result.counts
     if options.mode == "handshake" and counts["attempted"] and not counts["handshakes"]:
         return "no handshake succeeded"
-    return None
+    failed = [check.describe() for check in checks if not check.ok]
+    return "; ".join(failed) if failed else None
 
 
 def _status(outcome: PoolOutcome, failure: str | None) -> str:
@@ -136,7 +147,8 @@ def build_report(options: LoadtestOptions, outcome: PoolOutcome) -> dict[str, An
     result = outcome.result
     target = options.target
     unit, series = timeline_series(options.mode, result, result.counts["connected"])
-    failure = _failure(options, outcome)
+    checks = run_checks(options, result)
+    failure = _failure(options, outcome, checks)
     elapsed = outcome.finished - outcome.started
     return {
         "mode": options.mode,
@@ -155,6 +167,7 @@ def build_report(options: LoadtestOptions, outcome: PoolOutcome) -> dict[str, An
         "elapsed_s": elapsed,
         "measured_s": result.window_s,
         "results": _results(options, outcome),
+        "checks": [check.as_dict() for check in checks],
         "latency_ms": latency_ms(result),
         "errors": {
             "total": sum(result.errors.values()),
@@ -211,12 +224,18 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, str]]:
             ("pairs linked" if mode == "throughput" else "pairs connected",
              _number(results["pairs"])),
             ("relayed frames/s", _number(results["frames_per_s"])),
+            (f"  while flowing ({results['flowing_s']:.1f} s)",
+             _number(results["frames_per_s_flowing"])),
             ("payload MB/s", _number(results["payload_mb_per_s"], 2)),
             ("frames in window", _number(results["frames"])),
         ]  # fmt: skip
     elif mode == "handshake":
         rows += [
             ("handshakes/s", _number(results["handshakes_per_s"])),
+            (
+                f"  while flowing ({results['flowing_s']:.1f} s)",
+                _number(results["handshakes_per_s_flowing"]),
+            ),
             ("handshakes ok", f"{results['handshakes']:,} of {results['attempted']:,} started"),
             ("failures", _number(results["failures"])),
         ]
@@ -253,6 +272,11 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, str]]:
          f"{generator['cpu_s']:.1f} s, {generator['processes']} processes"
          + (f", {busy:.0%} busy" if busy is not None and math.isfinite(busy) else ""))
     )  # fmt: skip
+    rows += [
+        (check["check"], f"{check['value']:.2%} (limit {check['limit'] * 100:g}%)"
+         + ("" if check["ok"] else " FAILED"))
+        for check in report["checks"]
+    ]  # fmt: skip
     rows.append(("errors", _number(report["errors"]["total"])))
     rows += [(f"  {cause}", _number(n)) for cause, n in report["errors"]["by_cause"].items() if n]
     return rows

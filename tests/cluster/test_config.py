@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import CONFIG_KEYS, ConfigError, RelayConfig, load_config
+from cluster.config import CONFIG_KEYS, PATH_KEYS, ConfigError, RelayConfig, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "ops" / "cluster.example.toml"
 
@@ -15,9 +15,10 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "ops" / "cluster.example.toml"
 def test_example_file_loads_with_the_defaults() -> None:
     config = load_config(EXAMPLE, {})
     defaults = RelayConfig()
-    assert config.keys_file == EXAMPLE.parent / "relay.keys"  # relative to the file
     for key in CONFIG_KEYS:
-        if key != "keys_file":
+        if key in PATH_KEYS:  # relative to the file
+            assert getattr(config, key) == EXAMPLE.parent / getattr(defaults, key), key
+        else:
             assert getattr(config, key) == getattr(defaults, key), key
 
 
@@ -41,6 +42,13 @@ def write(tmp_path: Path, text: str) -> Path:
     [
         ('handshake_timeout = "ten"', "handshake_timeout: expected a number"),
         ("handshake_timeout = -1", "handshake_timeout: -1 is out of range"),
+        # issue 10 finding 9: nan compares false with every bound, so it passed
+        # (and disabled the timeout); inf never fires either.
+        ("handshake_timeout = nan", "handshake_timeout: nan is not a finite number"),
+        ("handshake_timeout = inf", "handshake_timeout: inf is not a finite number"),
+        ("onion_rate_per_client = -inf", "onion_rate_per_client: -inf is not a finite number"),
+        ("onion_rate_per_worker = nan", "onion_rate_per_worker: nan is not a finite number"),
+        ("onion_burst_per_client = inf", "onion_burst_per_client: inf is not a finite number"),
         ("ports = [70000]", "ports: 70000 is out of range"),
         ("ports = []", "ports: expected a non-empty list"),
         ("ports = [33445, 33445]", "lists a port twice"),
@@ -82,8 +90,36 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
 
 
 def test_bad_flag_value_names_the_key() -> None:
-    with pytest.raises(ConfigError, match="ports: 99999 is out of range"):
+    with pytest.raises(ConfigError, match=r"^--port: 99999 is out of range"):
         load_config(None, {"ports": [99999]})
+
+
+def test_bad_flag_value_is_blamed_on_the_flag_not_the_file(tmp_path: Path) -> None:
+    """Issue 14 point 5: `--workers -1 --config c.toml` said `c.toml: workers: ...`."""
+    path = write(tmp_path, "workers = 2\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, {"workers": -1})
+    assert str(raised.value) == "--workers: -1 is out of range (must be between 0 and 1024)"
+    with pytest.raises(ConfigError, match=r"^--udp-port: 70000 is out of range"):
+        load_config(path, {"udp_port": 70000})
+
+
+def test_paths_in_the_file_resolve_against_the_file_flags_against_the_cwd(
+    tmp_path: Path,
+) -> None:
+    """Issue 14 point 5: one rule for keys_file and admin_socket."""
+    path = write(tmp_path, 'keys_file = "id.keys"\nadmin_socket = "admin.sock"\n')
+    config = load_config(path, {})
+    assert config.keys_file == tmp_path / "id.keys"
+    assert config.admin_socket == tmp_path / "admin.sock"
+    flagged = load_config(path, {"keys_file": Path("k"), "admin_socket": Path("s")})
+    assert flagged.keys_file == Path("k") and flagged.admin_socket == Path("s")
+
+
+def test_too_long_admin_socket_path_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, f'admin_socket = "{"a" * 120}.sock"\n')
+    with pytest.raises(ConfigError, match=r"admin_socket: .* too long for a unix socket path"):
+        load_config(path, {})
 
 
 def test_relay_options_carry_the_limits(tmp_path: Path) -> None:

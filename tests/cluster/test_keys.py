@@ -58,7 +58,17 @@ def test_short_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "relay.keys"
     path.write_bytes(os.urandom(63))
     path.chmod(0o600)
-    with pytest.raises(KeysFileError, match="63 bytes; it must be 64"):
+    with pytest.raises(KeysFileError, match="63 bytes; it must be exactly 64"):
+        load_keys(path)
+
+
+def test_longer_file_is_refused(tmp_path: Path) -> None:
+    """Issue 10 finding 9: a 65-byte file (a valid pair plus one byte) was accepted."""
+    path = tmp_path / "relay.keys"
+    create_keys(path)
+    with open(path, "ab") as keys_file:
+        keys_file.write(b"\n")
+    with pytest.raises(KeysFileError, match="more than 64 bytes; it must be exactly 64"):
         load_keys(path)
 
 

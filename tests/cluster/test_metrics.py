@@ -43,6 +43,23 @@ def test_counters_never_go_backwards_when_a_worker_is_replaced() -> None:
     stats.record(3, 300, report(5), now=2.0)
     assert stats.totals()["frames_in"] == 85  # 50 retired + 30 + 5
     assert stats.connections()["confirmed"] == 2
+    # A report of the ended worker that was still queued is not counted twice.
+    stats.record(1, 100, report(60), now=2.5)
+    assert stats.totals()["frames_in"] == 85 and len(stats.workers) == 2
+
+
+def test_worker_cpu_is_one_series_per_slot_across_restarts() -> None:
+    """docs/operations.md: `toxrelay_worker_cpu_seconds_total{worker}` only;
+    a restarted or reloaded slot continues its series (issue 14, point 2)."""
+    stats = ClusterStats()
+    stats.slot_of_shard.update({1: 0, 2: 1})
+    stats.record(1, 100, report(5, cpu=2.0), now=1.0)
+    stats.record(2, 200, report(5, cpu=1.0), now=1.0)
+    stats.retire(1)  # slot 0's process ended; shard 3 replaces it
+    stats.slot_of_shard[3] = 0
+    stats.record(3, 300, report(0, cpu=0.25), now=2.0)
+    cpu = re.findall(r"^toxrelay_worker_cpu_seconds_total\{(.*)\} (\S+)$", scrape(stats), re.M)
+    assert sorted(cpu) == [('worker="0"', "2.25"), ('worker="1"', "1.0")]
 
 
 def test_rates_come_from_consecutive_reports() -> None:
@@ -98,6 +115,22 @@ def test_collector_exposes_onion_and_bus_counters() -> None:
     assert "toxrelay_bus_messages_to_exited_workers_total 9.0" in text
     totals = stats.status()["totals"]
     assert totals["onion_requests"] == 4 and totals["onion_replies_crossed_shards"] == 2
+
+
+def test_contained_errors_are_one_labelled_counter_that_survives_a_restart() -> None:
+    """Issue 10 finding 2: toxrelay_internal_errors_total{where}."""
+    stats = ClusterStats()
+    stats.slot_of_shard.update({1: 0, 2: 1})
+    sample = report(1)
+    sample["counters"].update({"internal_errors.tick": 2, "internal_errors.bus_message": 1})
+    stats.record(1, 100, sample, now=1.0)
+    stats.retire(1)
+    other = report(1)
+    other["counters"]["internal_errors.tick"] = 1
+    stats.record(2, 200, other, now=2.0)
+    text = scrape(stats)
+    assert 'toxrelay_internal_errors_total{where="tick"} 3.0' in text
+    assert 'toxrelay_internal_errors_total{where="bus_message"} 1.0' in text
 
 
 def metric(text: str, name: str) -> float:

@@ -301,12 +301,17 @@ class _Driver:
             moved = False
             self._collect(server)
             for record in self.clients:
-                if record.server is not server or not record.client.outbox:
+                if record.server is not server:
                     continue
                 data = record.client.take_outbox()
                 if record.closed or record.gone:
                     continue
-                server.receive(record.connection, data, self.now)
+                if data:
+                    server.receive(record.connection, data, self.now)
+                elif record.connection.more_input:  # the adapter's later turn
+                    server.receive(record.connection, b"", self.now)
+                else:
+                    continue
                 moved = True
 
     def _collect(self, server: RelayServer) -> None:

@@ -177,5 +177,5 @@ def test_open_file_limit_is_checked() -> None:
 
 def test_plot_without_matplotlib_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
-    with pytest.raises(PlotUnavailable, match=r"pip install 'tox-relay-cluster\[plot\]'"):
+    with pytest.raises(PlotUnavailable, match=r"pip install -e '\.\[plot\]'"):
         require_matplotlib()

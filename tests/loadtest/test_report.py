@@ -6,8 +6,11 @@ import json
 import signal
 from collections import Counter
 
+import pytest
+
 from cluster.cli import build_parser
-from cluster.loadtest.options import options_from_args
+from cluster.loadtest.modes.base import CLOSED
+from cluster.loadtest.options import UsageError, options_from_args
 from cluster.loadtest.pool import PoolOutcome
 from cluster.loadtest.procmem import process_tree, rss_kib, tree_rss_kib
 from cluster.loadtest.report import build_report, render_json, render_table
@@ -94,3 +97,63 @@ def test_rss_of_a_process_tree() -> None:
         child.kill()
         child.wait()
     assert process_tree(999_999_999) == [] and tree_rss_kib(999_999_999) == (0, 0)
+
+
+def handshake_options(*flags: str) -> object:
+    argv = ["loadtest", "handshake", "127.0.0.1", "33445", HEX, "-C", "100", *flags]
+    return options_from_args(build_parser().parse_args(argv))
+
+
+def handshake_result(handshakes: int) -> WorkerResult:
+    result = WorkerResult(counts=Counter(attempted=100, handshakes=handshakes))
+    result.errors["connect: timed out"] = 100 - handshakes
+    result.window_start, result.window_end = 0.1, 2.1
+    return result
+
+
+def test_partial_handshake_failures_fail_the_run() -> None:
+    """Issue 14 point 3: 42 % of handshakes failed and the run said ok."""
+    report = build_report(handshake_options(), outcome(handshake_result(58)))  # type: ignore[arg-type]
+    assert report["status"] == "failed"
+    assert report["failure"] == (
+        "42 of 100 handshakes failed (42.0%), over --max-failure-fraction 0.01"
+    )
+    assert report["checks"][0]["check"] == "handshake failure fraction"
+    assert report["checks"][0]["value"] == 0.42 and not report["checks"][0]["ok"]
+    table = render_table(report)
+    assert "42.00% (limit 1%) FAILED" in table and "42 of 100" in table
+    # The user sets the limit.
+    tolerant = handshake_options("--max-failure-fraction", "0.5")
+    assert build_report(tolerant, outcome(handshake_result(58)))["status"] == "ok"  # type: ignore[arg-type]
+
+
+def test_disconnected_clients_fail_the_run_and_dead_time_is_reported() -> None:
+    """Every client closed by the relay half-way (a reload): failed, and the
+    rate while traffic flowed is reported beside the whole-window rate."""
+    result = WorkerResult(counts=Counter(pairs=2, frames=3000, sent=1500, echoed=1484))
+    result.errors[CLOSED] = 4
+    result.counts["payload bytes"] = 3000 * 100
+    result.window_start, result.window_end = 1.1, 3.1  # t0 = 0.1: window bins 2..5
+    for offset in (1.0, 1.5):  # traffic in the first second of the window only
+        result.timeline.add(offset, 1500)
+    report = build_report(throughput_options(), outcome(result))  # type: ignore[arg-type]
+    assert report["status"] == "failed"
+    assert "4 of 4 connections closed by the relay (100.0%)" in report["failure"]
+    assert "--max-disconnect-fraction 0.01" in report["failure"]
+    assert "16 of 1,500 packets lost" in report["failure"]
+    results = report["results"]
+    assert results["frames_per_s"] == 1500
+    assert results["flowing_s"] == pytest.approx(1.0)
+    assert results["frames_per_s_flowing"] == pytest.approx(3000)
+    assert "while flowing (1.0 s)" in render_table(report)
+
+
+def test_fraction_flags_are_validated() -> None:
+    for value in ("-0.1", "1.5", "nan"):
+        with pytest.raises(UsageError, match=r"--max-loss-fraction must be 0\.\.1"):
+            throughput_options_with("--max-loss-fraction", value)
+
+
+def throughput_options_with(*flags: str) -> object:
+    argv = ["loadtest", "throughput", "127.0.0.1", "33445", HEX, *flags]
+    return options_from_args(build_parser().parse_args(argv))

@@ -66,6 +66,9 @@ def test_throughput(relay: RelayProcess, tmp_path: Path) -> None:
     assert report["status"] == "ok" and report["errors"]["total"] == 0
     assert results["pairs"] == 3
     assert results["frames"] > 100 and results["frames_per_s"] > 100
+    assert results["frames_total"] >= results["frames"]  # warm-up and drain too
+    assert 0 < results["flowing_s"] <= report["measured_s"]
+    assert [check["ok"] for check in report["checks"]] == [True, True, True]
     assert results["payload_mb_per_s"] == pytest.approx(results["frames_per_s"] * 200 / 1e6)
     assert results["sent"] > 0 and results["lost"] == 0 and results["sent"] == results["echoed"]
     latency = report["latency_ms"]
@@ -176,6 +179,59 @@ def test_ctrl_c_while_workers_start(relay: RelayProcess) -> None:
     assert status == 130, stderr.decode(errors="replace")
     assert report["status"] == "interrupted" and report["worker_errors"] == []
     assert b"Traceback" not in stderr
+
+
+def test_clients_disconnected_by_a_reload_fail_the_run(tmp_path: Path) -> None:
+    """Issue 14 point 3: the relay closes every client half-way (SIGHUP
+    replaces its worker); the run fails with that cause, exit status 1, and
+    reports the rate while traffic flowed beside the whole-window rate."""
+    relay = start_relay(tmp_path / "relay", workers=1)
+    try:
+        proc = subprocess.Popen(
+            [*LOADTEST, "throughput", *target(relay), "-P", "2", "-W", "4", "-S", "100",
+             "--warmup", "0.2", "--duration", "4", "--drain", "0.5", "--processes", "1",
+             "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+        )  # fmt: skip
+        stderr = ""
+        try:
+            assert proc.stderr is not None
+            while "measuring" not in stderr and proc.poll() is None:
+                stderr += os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
+            time.sleep(1.0)
+            os.kill(relay.pid, signal.SIGHUP)
+            stdout, rest = proc.communicate(timeout=RUN_TIMEOUT_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        relay.stop()
+    assert proc.returncode == 1, stderr + rest
+    report = json.loads(stdout)
+    assert report["status"] == "failed"
+    assert "4 of 4 connections closed by the relay" in report["failure"]
+    assert "--max-disconnect-fraction" in report["failure"]
+    results = report["results"]
+    # Traffic flowed until the reload, not after it: the dead time is left out.
+    assert 0.5 < results["flowing_s"] < report["measured_s"] - 0.5
+    assert results["frames_per_s_flowing"] == pytest.approx(
+        results["frames"] / results["flowing_s"]
+    )
+    assert results["frames_per_s_flowing"] > results["frames_per_s"] > 0
+
+
+def test_wrong_relay_key_fails_with_the_cause(relay: RelayProcess) -> None:
+    wrong = bytes(32).hex()
+    result = loadtest(
+        "handshake", relay.host, str(relay.port), wrong, "-C", "8", "-K", "4",
+        "--processes", "1", "--connect-timeout", "2", "--json", "--quiet",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    report = report_of(result)
+    assert report["status"] == "failed" and report["failure"] == "no handshake succeeded"
+    assert report["checks"][0]["bad"] == 8 and not report["checks"][0]["ok"]
+    assert report["errors"]["total"] == 8
 
 
 @pytest.mark.reference

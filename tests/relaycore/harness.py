@@ -223,9 +223,14 @@ class Network:
             moved = False
             for peer in list(self._by_connection.values()):
                 data = peer.client.take_outbox()
-                if not data or peer.closed or peer.eof:
+                if peer.closed or peer.eof:
                     continue
-                self.server.receive(peer.connection, data, self.now)
+                if data:
+                    self.server.receive(peer.connection, data, self.now)
+                elif peer.connection.more_input:  # the adapter's later turn
+                    self.server.receive(peer.connection, b"", self.now)
+                else:
+                    continue
                 self._collect()
                 moved = True
 

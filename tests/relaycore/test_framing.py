@@ -70,6 +70,49 @@ def test_r_frame_3_zero_length_ignored_without_nonce() -> None:
     assert receiver.buffered == 0
 
 
+@pytest.mark.parametrize("zeros", [0, 1, 2, 3, 4, 5, 1000, 1001, 1 << 20])
+@pytest.mark.parametrize("split", [None, 1, 2, 3])
+def test_r_frame_3_runs_of_empty_frames_skip_whole_pairs_only(
+    zeros: int, split: int | None
+) -> None:
+    """Issue 10 finding 4: runs of 00 00 are skipped in one step. Only whole
+    pairs at a frame boundary are empty frames: an odd run ends in the high
+    byte of the next length (a frame shorter than 256 bytes starts 00), and a
+    run split across reads keeps its alignment."""
+    sender, receiver = _pair()
+    frame = sender.encrypt(b"\x10" + bytes(30))  # length 47: bytes 00 2f
+    assert frame[0] == 0  # so with an odd run, its last zero is this byte
+    pairs = bytes(zeros - zeros % 2)
+    stream = pairs + frame
+    chunks = (
+        [stream] if split is None else [stream[: len(pairs) + split], stream[len(pairs) + split :]]
+    )
+    got = [plain for chunk in chunks for plain in receiver.receive(chunk)]
+    assert got == [b"\x10" + bytes(30)]
+    assert receiver.buffered == 0 and receiver.recv_nonce == sender.send_nonce
+
+
+def test_r_frame_3_odd_zero_run_then_long_frame_is_a_short_length() -> None:
+    """00 00 00 05 ...: one empty frame, then length 0x0005 (R-FRAME-4 kill),
+    never the empty frame 00 00 read from the middle of the pair."""
+    _, receiver = _pair()
+    with pytest.raises(ProtocolViolation) as caught:
+        list(receiver.receive(b"\x00\x00\x00\x05" + bytes(5)))
+    assert caught.value.rule == "R-FRAME-4"
+
+
+def test_has_frame_says_whether_a_whole_frame_or_a_bad_length_is_buffered() -> None:
+    sender, receiver = _pair()
+    frame = sender.encrypt(b"\x10abc")
+    receiver.hold(bytes(6) + frame[:-1])
+    assert not receiver.has_frame()
+    receiver.hold(frame[-1:])
+    assert receiver.has_frame()
+    _, other = _pair()
+    other.hold(b"\x00\x00\x00\x03")  # a length that kills is something to read
+    assert other.has_frame()
+
+
 @pytest.mark.parametrize("length", range(1, 17))
 def test_r_frame_4_length_1_to_16_kills(length: int) -> None:
     """R-FRAME-4: 1 <= L <= 16 can carry no plaintext."""

@@ -319,6 +319,52 @@ def test_r_fwd_5_bad_replies_dropped(net: Network, mangle, reason: str) -> None:
     assert a.received == [] and net.server.stats[f"dropped.{reason}"] == 1
 
 
+@pytest.mark.parametrize("length", [2002, 3000, 65000])
+def test_r_fwd_6_over_long_reply_dropped_at_the_first_hop(net: Network, length: int) -> None:
+    """Issue 10 finding 1: a 0x92 reply with a valid sendback and more data
+    than a frame holds made encrypt raise (on the bus: in the peer bus reader,
+    which then never read again). R-FWD-6: type 11 data <= 2001 bytes."""
+    a = net.connect("a")
+    sendback = forward_out(net, "a").data[2:47]
+    net.receive_datagram(b"\x92\x2d" + sendback + bytes(length))
+    assert a.received == [] and not a.closed
+    assert net.server.stats["dropped.datagram_too_long"] == 1  # 47 + 2002 > 2048
+    net.receive_datagram(b"\x92\x2d" + sendback + b"still served")
+    assert a.take() == [Forwarding(b"still served")]
+
+
+def test_r_fwd_6_over_long_reply_for_another_shard_never_reaches_the_bus() -> None:
+    asking = Network(LOOPBACK_HOPS, onion_secrets=SECRETS, now=100.0, shard=1)
+    asking.connect("a")
+    asking.send_plain("a", b"\x0a\x02\x7f\x00\x00\x01\xa9\xd1x")
+    [datagram] = asking.server.take_datagrams()
+    other = _shard(2)
+    other.receive_datagram(b"\x92\x2d" + datagram.data[2:47] + bytes(2002), 100.5)
+    assert other.take_bus() == []
+    assert other.stats["dropped.datagram_too_long"] == 1
+
+
+def test_r_fwd_6_forward_reply_refuses_data_no_frame_can_carry() -> None:
+    key = SECRETS.forward_key()
+    sendback = pack_sendback(ReturnPath(1, 5))
+    head = b"\x92\x2d" + timed_auth(key, 0, sendback) + sendback
+    assert forward_reply(head + bytes(2001), key, 10.0).plain == b"\x0b" + bytes(2001)
+    with pytest.raises(Dropped, match="forward_reply_too_long"):
+        forward_reply(head + bytes(2002), key, 10.0)
+
+
+def test_an_over_long_reply_from_the_bus_is_dropped_not_raised() -> None:
+    """A REPLY message whose plaintext no frame can carry (an older worker, a
+    bug elsewhere) is counted and dropped where it would be framed."""
+    asking = Network(LOOPBACK_HOPS, onion_secrets=SECRETS, now=100.0, shard=1)
+    a = asking.connect("a")
+    epoch = asking.server.by_key[a.client.public_key].epoch
+    asking.server.receive_link(2, (Link.REPLY, epoch, b"\x0b" + bytes(2100)), 100.6)
+    asking.pump()
+    assert a.received == [] and not a.closed
+    assert asking.server.stats["dropped.reply_too_long"] == 1
+
+
 def test_r_fwd_5_udp_and_chain_sendbacks_are_not_ours() -> None:
     key = SECRETS.forward_key()
     for first in (0, 1):
