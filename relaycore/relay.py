@@ -93,6 +93,10 @@ MAX_SNAPSHOT_REQUESTS = 16
 # The share of the worker's onion budget kept for addresses that have spent
 # less than half of their own burst (onion_rate_per_worker).
 ONION_WORKER_RESERVE = 0.25
+# Seconds between two rounds of WANTs re-sent for one key after SETs of it: a
+# key that reconnects faster costs its requesters' workers one round per
+# interval, the newest connection of the key WANTed (issue 10 #7).
+REWANT_INTERVAL = 0.1
 # Bytes a connection may have buffered, unread, while its routing request waits
 # for another shard's answer (its adapter stops reading from the socket then,
 # so only what one read brought can arrive: 256 KiB with uvloop and asyncio).
@@ -316,6 +320,7 @@ class RelayServer:
         # Keys whose SET arrived since the last take_bus: their REQUESTED
         # holders WANT the newest entry once per batch, not once per SET.
         self._rewant: dict[bytes, None] = {}
+        self._rewanted_at: dict[bytes, float] = {}  # key -> last round, oldest first
         self.datagrams: list[Datagram] = []  # for the adapter: take_datagrams()
 
     # ------------------------------------------------------------------
@@ -488,6 +493,9 @@ class RelayServer:
                 self.kill(connection, "handshake_timeout")
         self._onion_by_address.forget_refilled(now)
         self._oob_broadcast_by_address.forget_refilled(now)
+        rewanted = self._rewanted_at
+        while rewanted and next(iter(rewanted.values())) <= now - REWANT_INTERVAL:
+            del rewanted[next(iter(rewanted))]
         self._settle()
 
     def take_dirty(self) -> list[ServerConnection]:
@@ -953,9 +961,18 @@ class RelayServer:
         """R-ROUTE-6 across shards: each local connection with a REQUESTED
         slot for a key that got a SET WANTs the key's newest connection, once
         for all the SETs of a batch (a key that reconnects N times in a batch
-        costs one WANT per holder, not N)."""
+        costs one WANT per holder, not N), and at most once per
+        REWANT_INTERVAL per key: a later SET waits for a later call (every
+        flush makes one; the tick at the latest)."""
         rewant, self._rewant = self._rewant, {}
+        now, rewanted = self._clock, self._rewanted_at
         for public_key in rewant:
+            last = rewanted.get(public_key)
+            if last is not None and now - last < REWANT_INTERVAL:
+                self._rewant[public_key] = None  # too soon: a later call sends it
+                continue
+            rewanted.pop(public_key, None)
+            rewanted[public_key] = now
             remote = self.directory.get(public_key)
             if remote is None:
                 continue  # gone again (DEL, DROP_SHARD) within the batch

@@ -20,6 +20,7 @@ import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as EventType
 from typing import TypeVar
 
 from cluster.client import ConnectionClosed, RelayClient
@@ -206,6 +207,12 @@ def _child(connection: Connection, target: Callable[..., object], args: tuple) -
         connection.send(("error", repr(error)))
 
 
+def attack_events() -> tuple[EventType, EventType]:
+    """Two events an AttackProcess can take as arguments (ready, go)."""
+    context = multiprocessing.get_context("spawn")
+    return context.Event(), context.Event()
+
+
 class AttackProcess:
     """``target(*args)`` in a child process (spawned: no state of the test's
     event loop), started at once; ``result()`` waits for what it returned
@@ -285,15 +292,19 @@ def want_storm(
     requesters: int,
     rounds: int,
     parallel: int,
+    ready: EventType,
+    go: EventType,
 ) -> int:
     """``requesters`` connections on one worker ask for key K (a routing
-    request each); then K connects ``rounds`` x ``parallel`` times on the other
-    worker, ``parallel`` at once (each replaces the one before, R-CONF-3):
-    every connection of K is a SET that made the first worker re-send one
-    WANT per requester. The number of K's connections. Runs in an AttackProcess."""
+    request each), then ``ready`` is set; on ``go``, K connects ``rounds`` x
+    ``parallel`` times on the other worker, ``parallel`` at once, 20 ms apart (each
+    replaces the one before, R-CONF-3): every connection of K is a SET that made the
+    first worker re-send one WANT per requester. The number of K's
+    connections. Runs in an AttackProcess."""
     key = os.urandom(32)
 
     async def storm() -> int:
+        loop = asyncio.get_running_loop()
         asking = [
             await RelayClient.connect(host, requester_port, relay_key, local_addr=(source, 0))
             for _ in range(requesters)
@@ -303,6 +314,8 @@ def want_storm(
             client.route_request(target)
         for client in asking:
             await client.ping()
+        ready.set()
+        await loop.run_in_executor(None, go.wait, 30)
         made = 0
         for _ in range(rounds):
             batch = await asyncio.gather(
@@ -318,6 +331,7 @@ def want_storm(
             for client in batch:
                 if isinstance(client, RelayClient):
                     client.abort()
+            await asyncio.sleep(0.02)
         for client in asking:
             client.abort()
         return made

@@ -142,7 +142,8 @@ def _epoch(shard: int, serial: int) -> int:
 
 def test_wants_after_sets_are_sent_once_per_batch_per_key() -> None:
     """R-ROUTE-6 across shards: 3 requesters of K; K reconnects 10 times on
-    shard 2 within one batch of updates: 3 WANTs (to the newest epoch), not 30."""
+    shard 2 within one batch of updates: 3 WANTs (to the newest epoch), not 30;
+    and at most one such round per key per REWANT_INTERVAL."""
     net = Network(shard=1, now=5.0)
     net.server.set_peer_shards([2])
     key = bytes(range(32))
@@ -159,9 +160,20 @@ def test_wants_after_sets_are_sent_once_per_batch_per_key() -> None:
     assert len(wants) == 3
     assert {m[4] for m in wants} == {_epoch(2, 10)}
     assert net.server.stats["wants_after_set"] == 3
-    # A SET then a DEL of K in one batch: nothing to WANT.
+    # Another SET at once: the next round waits REWANT_INTERVAL (0.1 s), then
+    # WANTs the newest connection of K.
     net.server.apply_map_update((MapUpdate.SET, key, 2, _epoch(2, 11), 2, _epoch(2, 10)))
-    net.server.apply_map_update((MapUpdate.DEL, key, 2, _epoch(2, 11)))
+    net.server.apply_map_update((MapUpdate.SET, key, 2, _epoch(2, 12), 2, _epoch(2, 11)))
+    assert [m for _, m in net.server.take_bus() if m[0] == Link.WANT] == []
+    net.tick(5.05)
+    assert [m for _, m in net.server.take_bus() if m[0] == Link.WANT] == []
+    net.tick(5.1)
+    wants = [m for _, m in net.server.take_bus() if m[0] == Link.WANT]
+    assert len(wants) == 3 and {m[4] for m in wants} == {_epoch(2, 12)}
+    # A SET then a DEL of K in one batch: nothing to WANT.
+    net.tick(6.0)
+    net.server.apply_map_update((MapUpdate.SET, key, 2, _epoch(2, 13), 2, _epoch(2, 12)))
+    net.server.apply_map_update((MapUpdate.DEL, key, 2, _epoch(2, 13)))
     assert [m for _, m in net.server.take_bus() if m[0] == Link.WANT] == []
 
 
