@@ -39,7 +39,8 @@ Per event (its window runs from the signal to the next event) it reports:
 
 A "steady" row covers the time before the first event (the control: nothing disrupted,
 nothing lost). Misrouted (another pair's) and duplicated frames are counted over the run.
-``--json`` prints the whole result as one JSON object.
+``--json`` prints the whole result as one JSON object; ``--doc docs/benchmarks.md``
+also writes its "Chaos run" section.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
 import os
+import shlex
 import signal
 import struct
 import sys
@@ -61,7 +64,15 @@ from pathlib import Path
 import uvloop
 
 from cluster.client import ConnectionClosed, RelayClient
-from ops.bench.chaos_report import CLOSED, CONNECTED, DISCONNECTED, analyse, format_table
+from ops.bench.chaos_report import (
+    CLOSED,
+    CONNECTED,
+    DISCONNECTED,
+    analyse,
+    format_table,
+    render_markdown,
+    splice_section,
+)
 from ops.bench.relay_cluster import RelayCluster, Shard, runs_worker_or_coordinator
 from relaycore.crypto import public_key_of
 from relaycore.packets import (
@@ -509,6 +520,7 @@ async def run_chaos(options: Options) -> dict:
     own_workdir = options.workdir is None
     workdir = Path(options.workdir or tempfile.mkdtemp(prefix="toxrelay-chaos-"))
     started = time.monotonic()
+    load_average = round(os.getloadavg()[0], 2)
     cluster = await asyncio.to_thread(RelayCluster, workdir, options.workers)
     chaos = Chaos(cluster, options)
     try:
@@ -524,6 +536,8 @@ async def run_chaos(options: Options) -> dict:
         await asyncio.to_thread(cluster.stop)
     result["options"] = asdict(options)
     result["wall_s"] = round(time.monotonic() - started, 1)
+    result["cpus"] = os.cpu_count()
+    result["load_average_1m"] = load_average
     result["relay_log_tail"] = cluster.stderr_text().splitlines()[-40:]
     if own_workdir:
         with contextlib.suppress(OSError):
@@ -533,8 +547,8 @@ async def run_chaos(options: Options) -> dict:
     return result
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[Options, bool]:
-    """The run's options and whether to print JSON."""
+def parse_args(argv: Sequence[str] | None) -> tuple[Options, bool, Path | None]:
+    """The run's options, whether to print JSON, and the markdown file to update."""
     defaults = Options()
     parser = argparse.ArgumentParser(
         prog="python3 -m ops.bench.chaos",
@@ -562,20 +576,32 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, bool]:
     add("--probe-interval", type=float, default=defaults.probe_interval, help="seconds")
     add("--workdir", help="relay work directory (default: a temporary one, removed after)")
     add("--json", action="store_true", help="print the result as one JSON object")
+    add(
+        "--doc",
+        type=Path,
+        metavar="MARKDOWN",
+        help='also write the "Chaos run" section of this file (e.g. docs/benchmarks.md)',
+    )
     args = parser.parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if k != "json"}
+    values = {k: v for k, v in vars(args).items() if k not in ("json", "doc")}
     values["events"] = tuple(name.strip() for name in args.events.split(",") if name.strip())
     options = Options(**values)
     try:
         options.check()
     except ValueError as error:
         parser.error(str(error))
-    return options, args.json
+    return options, args.json, args.doc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options, as_json = parse_args(argv)
+    options, as_json, doc = parse_args(argv)
     result = uvloop.run(run_chaos(options))
+    if doc is not None:
+        args = sys.argv[1:] if argv is None else list(argv)
+        command = shlex.join(["python3", "-m", "ops.bench.chaos", *args])
+        date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        section = render_markdown(result, command, date)
+        doc.write_text(splice_section(doc.read_text() if doc.exists() else "", section))
     if as_json:
         print(json.dumps(result))
     else:

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import pytest
 
 from ops.bench.chaos import EVENTS, Event, Options, make_pairs, parse_args, run_chaos
-from ops.bench.chaos_report import analyse, format_table
+from ops.bench.chaos_report import analyse, format_table, splice_section
 
 LONG = os.environ.get("TOXRELAY_CHAOS", "").strip().lower() == "long"
 OPTIONS = (
@@ -144,8 +144,11 @@ def test_a_reload_disconnects_each_client_once_and_closes_no_port(result: dict) 
 
 
 def test_the_command_line_checks_its_options() -> None:
-    options, as_json = parse_args(["--workers", "3", "--events", "reload,kill-worker", "--json"])
+    options, as_json, doc = parse_args(
+        ["--workers", "3", "--events", "reload,kill-worker", "--json", "--doc", "x.md"]
+    )
     assert (options.workers, options.events, as_json) == (3, ("reload", "kill-worker"), True)
+    assert doc == Path("x.md")
     for bad in (["--events", "kill-all"], ["--workers", "2", "--kill-slot", "5"], ["--pairs", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             parse_args(bad)
@@ -196,3 +199,11 @@ def test_the_report_finds_disruption_loss_and_stalls_outside_the_own_pairs() -> 
     assert (killed["relink_p50_s"], killed["relink_max_s"]) == pytest.approx((1.001, 1.501))
     assert killed["clients_closed"] == 2 and killed["max_closes_per_client"] == 1
     assert killed["goal_failures"] and not report["goals_met"]
+
+
+def test_the_doc_section_is_inserted_once_and_then_replaced() -> None:
+    doc = "# Benchmarks\n\n## Targets\n\nt\n\n## Machine\n\nm\n"
+    first = splice_section(doc, "## Chaos run\n\nrun 1\n")
+    assert first == "# Benchmarks\n\n## Targets\n\nt\n\n## Chaos run\n\nrun 1\n\n## Machine\n\nm\n"
+    second = splice_section(first, "## Chaos run\n\nrun 2\n")
+    assert second == first.replace("run 1", "run 2")
