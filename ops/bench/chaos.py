@@ -15,6 +15,9 @@ one after the other, while the traffic flows:
 * ``kill-coordinator``  SIGKILL of the coordinator
 * ``stop-worker``       SIGSTOP of worker slot ``--stop-slot`` for ``--stop-seconds``, SIGCONT
 * ``reload``            SIGHUP to the supervisor (rolling reload of every worker)
+* ``kill-both``         (only when named) SIGKILL of the coordinator and at once of the
+                        worker slot ``--kill-slot``: both crash together
+* ``stop-coordinator``  (only when named) SIGSTOP of the coordinator for ``--stop-seconds``
 
 A client whose connection closes does what toxcore does: it reconnects (same key, same
 source address; to its slot's new shard once the relay has printed it) and requests
@@ -84,6 +87,7 @@ from relaycore.packets import (
 )
 
 EVENTS = ("kill-worker", "kill-coordinator", "stop-worker", "reload")
+EXTRA_EVENTS = ("kill-both", "stop-coordinator")  # not in the default sequence
 TICK = 0.05  # seconds between two rounds of sends
 HEADER = struct.Struct(">IBI")  # pair index, side (0 = a, 1 = b), sequence number
 WRITE_BUFFER_LIMIT = 256 * 1024  # a client does not queue more for a stalled relay
@@ -122,8 +126,9 @@ class Options:
         if not HEADER.size <= self.frame_size <= 1024:
             raise ValueError(f"--frame-size must be {HEADER.size}..1024")
         for name in self.events:
-            if name not in EVENTS:
-                raise ValueError(f"unknown event {name!r}; one of {', '.join(EVENTS)}")
+            if name not in EVENTS + EXTRA_EVENTS:
+                known = ", ".join(EVENTS + EXTRA_EVENTS)
+                raise ValueError(f"unknown event {name!r}; one of {known}")
         for slot in (self.kill_slot, self.stop_slot):
             if not -self.workers <= slot < self.workers:
                 raise ValueError(f"worker slot {slot} does not exist with {self.workers}")
@@ -472,6 +477,29 @@ class Chaos:
             new = await self.cluster.wait_for_shard(slot, shard.shard, options.relink_timeout)
             event.notes["replacement_announced_s"] = round(self.loop.time() - event.started, 3)
             event.notes["replacement"] = f"shard {new.shard}, pid {new.pid}"
+        elif name == "kill-both":
+            slot = options.kill_slot % options.workers
+            shard, pid = shards[slot], self.cluster.coordinator_pid()
+            event.own_slots = (slot,)
+            event.target = (
+                f"coordinator (pid {pid}), then at once worker slot {slot} "
+                f"(shard {shard.shard}, pid {shard.pid})"
+            )
+            os.kill(pid, signal.SIGKILL)
+            os.kill(shard.pid, signal.SIGKILL)
+            await self.cluster.wait_for_coordinator(pid, options.relink_timeout)
+            event.notes["coordinator_back_s"] = round(self.loop.time() - event.started, 3)
+            await self.cluster.wait_for_shard(slot, shard.shard, options.relink_timeout)
+            event.notes["replacement_announced_s"] = round(self.loop.time() - event.started, 3)
+        elif name == "stop-coordinator":
+            pid = self.cluster.coordinator_pid()
+            event.target = f"coordinator (pid {pid})"
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(options.stop_seconds)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            event.notes["resumed_s"] = round(self.loop.time() - event.started, 3)
         elif name == "kill-coordinator":
             pid = self.cluster.coordinator_pid()
             event.target = f"coordinator (pid {pid})"
@@ -564,7 +592,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, bool, Path | None]:
     add(
         "--events",
         default=",".join(defaults.events),
-        help=f"comma-separated, in order, repeats allowed (default {','.join(EVENTS)})",
+        help=f"comma-separated, in order, repeats allowed (default {','.join(EVENTS)}; "
+        f"also: {','.join(EXTRA_EVENTS)})",
     )
     add("--kill-slot", type=int, default=defaults.kill_slot, help="worker slot to kill -9")
     add("--stop-slot", type=int, default=defaults.stop_slot, help="slot to SIGSTOP (-1 last)")
