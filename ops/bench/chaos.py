@@ -33,9 +33,9 @@ Per event (its window runs from the signal to the next event) it reports:
   pairs and pairs *beyond* them (goal: none beyond);
 * **relink**: for each disrupted pair, seconds from the signal until both directions
   pass frames again after its last disconnect or stall (median and max);
-* **frames lost**: numbered frames never delivered, by the window they were sent in
-  (from half a second before the signal), for own pairs and outside them (goal: none
-  outside);
+* **frames lost**: numbered frames never delivered, by the window in which the loss
+  showed (a later frame of that direction arrived), for own pairs and outside them
+  (goal: none outside);
 * **max gap outside**: the longest pause between two frames of a pair outside the own
   pairs, and **probes**: fresh handshakes on the shared port every ``--probe-interval``
   s (failed, and refused: the port was closed).
@@ -209,7 +209,8 @@ def make_pairs(options: Options) -> list[Pair]:
 
 @dataclass
 class Probe:
-    at: float
+    at: float  # started
+    ended: float  # connected and confirmed, or failed
     ok: bool
     refused: bool
     error: str = ""
@@ -405,12 +406,12 @@ class Chaos:
                     timeout=CONNECT_TIMEOUT,
                 )
             except ConnectionRefusedError as error:
-                self.probes.append(Probe(at, ok=False, refused=True, error=str(error)))
+                self.probes.append(Probe(at, self.loop.time(), False, True, str(error)))
             except (OSError, TimeoutError, ConnectionClosed) as error:
-                self.probes.append(Probe(at, ok=False, refused=False, error=repr(error)))
+                self.probes.append(Probe(at, self.loop.time(), False, False, repr(error)))
             else:
                 client.abort()
-                self.probes.append(Probe(at, ok=True, refused=False))
+                self.probes.append(Probe(at, self.loop.time(), ok=True, refused=False))
             await asyncio.sleep(self.options.probe_interval)
 
     def _pair_flows_since(self, pair: Pair, event: Event) -> bool:

@@ -5,8 +5,9 @@ traffic); a "steady" window before the first event is the control. In each windo
 is *disrupted* when one of its clients lost its connection or got a
 DISCONNECT_NOTIFICATION there, or when one direction went ``stall`` seconds or more
 without a frame. A frame is *lost* when it never arrived; it belongs to the window in
-which it was sent, counted from ``GRACE`` seconds before the signal (it was still in
-flight when the event hit).
+which its loss showed: when a later frame of the same direction arrived (or, when none
+ever did, when it was sent). So a frame still in flight when an event hit (sent before
+the signal, however slow the machine) counts for that event.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ops.bench.chaos import Chaos, Direction, Event, Pair
 
-GRACE = 0.5  # seconds: a frame sent this long before an event belongs to that event
 CLOSED = "closed"
 DISCONNECTED = "disconnected"
 CONNECTED = "connected"
@@ -79,20 +79,27 @@ def _direction_in_window(
     return longest, flowed, stalled
 
 
-def _lost(direction: Direction, start: float, end: float) -> int:
+def loss_times(direction: Direction) -> list[float]:
+    """For each frame never delivered, when its loss showed: the arrival of the first
+    later frame (by sequence number), or its send time when no later frame arrived."""
     received = {seq for seq, _ in direction.arrivals}
-    return sum(
-        1
-        for seq, at in enumerate(direction.send_times)
-        if start <= at < end and seq not in received
-    )
+    lost = [seq for seq in range(len(direction.send_times)) if seq not in received]
+    shown: dict[int, float] = {}
+    pending = 0  # lost[:pending] have their time
+    for seq, at in direction.arrivals:  # in arrival order
+        while pending < len(lost) and lost[pending] < seq:
+            shown[lost[pending]] = at
+            pending += 1
+    return sorted(shown.get(seq, direction.send_times[seq]) for seq in lost)
 
 
 def _pair_label(pair: Pair) -> str:
     return f"{pair.index} ({pair.placement} {pair.slots[0]}-{pair.slots[1]})"
 
 
-def analyse_window(chaos: Chaos, window: Window, last: bool) -> dict:
+def analyse_window(
+    chaos: Chaos, window: Window, last: bool, losses: dict[int, list[list[float]]]
+) -> dict:
     stall = chaos.options.stall
     own_pairs, disrupted_own, disrupted_beyond = 0, [], []
     relinks, unrecovered = [], []
@@ -100,8 +107,7 @@ def analyse_window(chaos: Chaos, window: Window, last: bool) -> dict:
     lost_own_by_placement = {"same-shard": 0, "cross-shard": 0}
     longest_outside = 0.0
     closes: dict[str, int] = {}
-    loss_start = window.start - GRACE if window.event is not None else window.start
-    loss_end = float("inf") if last else window.end - GRACE
+    loss_end = float("inf") if last else window.end
     for pair in chaos.pairs:
         own = any(slot in window.own_slots for slot in pair.slots)
         own_pairs += own
@@ -128,7 +134,10 @@ def analyse_window(chaos: Chaos, window: Window, last: bool) -> dict:
             longest = max(longest, gap)
             stalled = stalled or stopped
             flowed.append(again)
-        lost = sum(_lost(end.outgoing, loss_start, loss_end) for end in pair.ends)
+        lost = sum(
+            bisect.bisect_left(shown, loss_end) - bisect.bisect_left(shown, window.start)
+            for shown in losses[pair.index]
+        )
         disrupted = bool(breaks) or stalled
         if own:
             lost_own += lost
@@ -152,7 +161,9 @@ def analyse_window(chaos: Chaos, window: Window, last: bool) -> dict:
             unrecovered.append(_pair_label(pair))
         else:
             relinks.append(max(at for at in flowed if at is not None) - window.start)
-    probes = [probe for probe in chaos.probes if window.start <= probe.at < window.end]
+    # A probe counts where it ended: one that hangs on a worker stopped after it began
+    # fails (times out) in the stop's window.
+    probes = [probe for probe in chaos.probes if window.start <= probe.ended < loss_end]
     event = window.event
     return {
         "event": window.name,
@@ -204,7 +215,10 @@ def goal_failures(row: dict) -> list[str]:
 
 def analyse(chaos: Chaos) -> dict:
     found = windows(chaos)
-    rows = [analyse_window(chaos, w, index == len(found) - 1) for index, w in enumerate(found)]
+    losses = {pair.index: [loss_times(end.outgoing) for end in pair.ends] for pair in chaos.pairs}
+    rows = [
+        analyse_window(chaos, w, index == len(found) - 1, losses) for index, w in enumerate(found)
+    ]
     for row in rows:
         row["goal_failures"] = goal_failures(row)
     directions = [endpoint.outgoing for endpoint in chaos.endpoints]
@@ -297,6 +311,8 @@ def event_lines(result: dict) -> list[str]:
         )
         for failure in row["goal_failures"]:
             lines.append(f"  GOAL MISSED: {failure}")
+        if row["probes_failed"]:
+            lines.append(f"    probes failed: {'; '.join(row['probe_errors'])}")
         for detail in row["disrupted_beyond_pairs"][:10] + row["lost_outside_pairs"][:10]:
             lines.append(f"    {detail}")
     return lines
