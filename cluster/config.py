@@ -40,11 +40,18 @@ class RelayConfig:
     max_connections: int = _CORE_DEFAULTS.max_connections
     max_connections_per_ip: int = _CORE_DEFAULTS.max_connections_per_ip
     max_unconfirmed: int = _CORE_DEFAULTS.max_unconfirmed
+    max_unconfirmed_per_ip: int = _CORE_DEFAULTS.max_unconfirmed_per_ip
     output_soft_limit: int = _CORE_DEFAULTS.output_soft_limit
     output_hard_limit: int = _CORE_DEFAULTS.output_hard_limit
     onion_rate_per_client: float = _CORE_DEFAULTS.onion_rate_per_client
     onion_burst_per_client: float = _CORE_DEFAULTS.onion_burst_per_client
+    onion_rate_per_ip: float = _CORE_DEFAULTS.onion_rate_per_ip
+    onion_burst_per_ip: float = _CORE_DEFAULTS.onion_burst_per_ip
     onion_rate_per_worker: float = _CORE_DEFAULTS.onion_rate_per_worker
+    allow_private_next_hops: bool = _CORE_DEFAULTS.allow_private_next_hops
+    oob_broadcast_rate_per_ip: float = _CORE_DEFAULTS.oob_broadcast_rate_per_ip
+    oob_broadcast_burst_per_ip: float = _CORE_DEFAULTS.oob_broadcast_burst_per_ip
+    oob_broadcast_rate_per_worker: float = _CORE_DEFAULTS.oob_broadcast_rate_per_worker
     listen_backlog: int = 4096
     min_open_files: int = 4096
     shard_ports: bool = False
@@ -141,10 +148,15 @@ def _validate(key: str, value: object) -> object:
             return _int(key, value, 0, 65535)
         case "onion":
             return _bool(key, value)
-        case "onion_rate_per_client" | "onion_rate_per_worker":
+        case (
+            "onion_rate_per_client" | "onion_rate_per_ip" | "onion_rate_per_worker"
+            | "oob_broadcast_rate_per_ip" | "oob_broadcast_rate_per_worker"
+        ):  # fmt: skip
             return _number(key, value, 0.0, "packets per second")
-        case "onion_burst_per_client":
+        case "onion_burst_per_client" | "onion_burst_per_ip" | "oob_broadcast_burst_per_ip":
             return _number(key, value, 1.0, "packets")
+        case "allow_private_next_hops":
+            return _bool(key, value)
         case "shard_ports":
             return _bool(key, value)
         case "metrics":
@@ -165,7 +177,10 @@ def _validate(key: str, value: object) -> object:
             return _number(key, value, 0.0)
         case "close_on_peer_eof":
             return _bool(key, value)
-        case "max_connections" | "max_connections_per_ip" | "max_unconfirmed":
+        case (
+            "max_connections" | "max_connections_per_ip" | "max_unconfirmed"
+            | "max_unconfirmed_per_ip"
+        ):  # fmt: skip
             return _int(key, value, 0)
         case "output_soft_limit" | "output_hard_limit":
             return _int(key, value, 2048)

@@ -42,6 +42,9 @@ PLAIN_COUNTERS = {
     ),
     "map.resyncs": ("map_resyncs", "Routing map snapshots fetched by workers."),
     "oob_broadcast": ("oob_broadcasts", "OOB packets offered to every shard (key not yet known)."),
+    "wants_after_set": (
+        "wants_after_set", "WANTs re-sent to other shards after routing map SETs (coalesced)."
+    ),
 }  # fmt: skip
 
 

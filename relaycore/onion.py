@@ -125,8 +125,9 @@ def is_sendable(host: str, port: int) -> bool:
     """Whether the relay should send a client's datagram there at all.
 
     The reference sends anywhere; we refuse port 0 and addresses that reach
-    more than one host or none (broadcast, multicast, unspecified), so a
-    client cannot turn the relay into a reflector (docs/differences.md).
+    more than one host or none (broadcast, multicast, unspecified). Private
+    and own addresses are refused on top of this by ``relaycore.nexthop``
+    (docs/differences.md row 9 says exactly what is refused).
     """
     if port == 0:
         return False
@@ -295,15 +296,19 @@ class TokenBucket:
         self.tokens = burst
         self.updated = now
 
-    def take(self, now: float) -> bool:
-        """Spend one token; False (and nothing spent) when there is none."""
-        if self.rate <= 0:
-            return True  # 0 = unlimited
+    def level(self, now: float) -> float:
+        """The tokens there are at ``now`` (refilled up to then)."""
         elapsed = now - self.updated
         if elapsed > 0:
             self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
             self.updated = now
-        if self.tokens < 1:
+        return self.tokens
+
+    def take(self, now: float) -> bool:
+        """Spend one token; False (and nothing spent) when there is none."""
+        if self.rate <= 0:
+            return True  # 0 = unlimited
+        if self.level(now) < 1:
             return False
         self.tokens -= 1
         return True

@@ -17,9 +17,14 @@ class RelayOptions:
     max_connections: int = 0
     # Connections from one source address, any state; 0 = unlimited.
     max_connections_per_ip: int = 0
-    # INCOMING + UNCONFIRMED at once; further connections are refused (closed
-    # at once) instead of evicting older handshakes as 0.2.18's rings do.
+    # INCOMING + UNCONFIRMED at once. At the cap a new connection evicts the
+    # oldest handshake of the address (IPv4 address / IPv6 /64) that holds the
+    # most, so a half-open flood from a few addresses cannot lock honest
+    # newcomers out (0.2.18's rings evict the oldest of anyone). 0 = no cap.
     max_unconfirmed: int = 8192
+    # INCOMING + UNCONFIRMED from one address (IPv6: one /64) at once; further
+    # connections from it are refused (closed at once). 0 = no cap.
+    max_unconfirmed_per_ip: int = 256
     # Non-priority packets (relayed data, OOB, onion/forward responses) are
     # dropped while the receiver has more than this many bytes unsent (R-OUT-2).
     output_soft_limit: int = 64 * 1024
@@ -31,8 +36,26 @@ class RelayOptions:
     # and counted (the reference has no limit). 0 = unlimited.
     onion_rate_per_client: float = 50.0
     onion_burst_per_client: float = 200.0
-    # The same for all clients of one worker together (burst = one second's).
+    # The same for all connections of one address (IPv6: one /64) together,
+    # so a new connection brings no fresh burst.
+    onion_rate_per_ip: float = 200.0
+    onion_burst_per_ip: float = 400.0
+    # The same for all clients of one worker together (burst = one second's);
+    # its last quarter is kept for addresses that have spent less than half
+    # of their own burst, so heavy senders cannot starve light ones.
     onion_rate_per_worker: float = 20000.0
+    # Send onion / forward datagrams to non-global next hops (loopback, RFC
+    # 1918, link-local, CGNAT, ULA...) and to the host's own addresses: for
+    # tests on loopback and LAN-only relays. The relay's own UDP endpoint is
+    # refused either way.
+    allow_private_next_hops: bool = False
+    # OOB packets to a key the worker's replica does not know are offered to
+    # every other worker: at most this many per second per address (IPv6: one
+    # /64) with this burst, and per worker (burst = one second's); further
+    # ones are dropped and counted. 0 = unlimited.
+    oob_broadcast_rate_per_ip: float = 10.0
+    oob_broadcast_burst_per_ip: float = 40.0
+    oob_broadcast_rate_per_worker: float = 1000.0
     ping_interval: float = 30.0  # R-PING-2
     ping_timeout: float = 10.0  # R-PING-4
 

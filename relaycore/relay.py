@@ -32,6 +32,8 @@ from relaycore.crypto import CryptoError, beforenm, generate_keypair, public_key
 from relaycore.errors import InvariantBroken, ProtocolViolation
 from relaycore.framing import SecureChannel
 from relaycore.handshake import open_client_hello_keyed, seal_server_reply
+from relaycore.limits import AddressBuckets, PendingByAddress, address_key
+from relaycore.nexthop import NextHopPolicy
 from relaycore.onion import (
     MAX_DATAGRAM_SIZE,
     NET_PACKET_FORWARD_REPLY,
@@ -88,6 +90,13 @@ DEAD_EPOCH_MEMORY = 10.0
 MAX_DEAD_EPOCHS = 65536
 # Snapshot requests remembered until their answer (one is usually outstanding).
 MAX_SNAPSHOT_REQUESTS = 16
+# The share of the worker's onion budget kept for addresses that have spent
+# less than half of their own burst (onion_rate_per_worker).
+ONION_WORKER_RESERVE = 0.25
+# Seconds between two rounds of WANTs re-sent for one key after SETs of it: a
+# key that reconnects faster costs its requesters' workers one round per
+# interval, the newest connection of the key WANTed (issue 10 #7).
+REWANT_INTERVAL = 0.1
 # Bytes a connection may have buffered, unread, while its routing request waits
 # for another shard's answer (its adapter stops reading from the socket then,
 # so only what one read brought can arrive: 256 KiB with uvloop and asyncio).
@@ -150,6 +159,7 @@ class ServerConnection:
     __slots__ = (
         "serial",
         "peer_ip",
+        "address",
         "opened_at",
         "state",
         "public_key",
@@ -177,6 +187,7 @@ class ServerConnection:
     def __init__(self, serial: int, peer_ip: str, now: float) -> None:
         self.serial = serial
         self.peer_ip = peer_ip
+        self.address = address_key(peer_ip)  # what per-address limits count
         self.opened_at = now
         self.state = ConnectionState.INCOMING
         self.public_key: bytes | None = None
@@ -253,6 +264,7 @@ class RelayServer:
         self.by_key: dict[bytes, ServerConnection] = {}  # CONFIRMED only (R-CONF-5)
         self.by_epoch: dict[Epoch, ServerConnection] = {}  # the same, for UDP return paths
         self.pending: set[ServerConnection] = set()  # INCOMING + UNCONFIRMED
+        self._pending_by_address = PendingByAddress()  # the same, per address key
         self.connections_per_ip: Counter[str] = Counter()
         self.connection_count = 0
         self._serial = 0
@@ -289,9 +301,26 @@ class RelayServer:
         self._forward_key = self.onion_secrets.forward_key()
         self._return_keys_period = -1
         self._return_keys: list[bytes] = []
+        options = self.options
         self._onion_budget = TokenBucket(
-            self.options.onion_rate_per_worker, self.options.onion_rate_per_worker, 0.0
+            options.onion_rate_per_worker, options.onion_rate_per_worker, 0.0
         )
+        self._onion_by_address = AddressBuckets(
+            options.onion_rate_per_ip, options.onion_burst_per_ip
+        )
+        self._oob_broadcast_budget = TokenBucket(
+            options.oob_broadcast_rate_per_worker, options.oob_broadcast_rate_per_worker, 0.0
+        )
+        self._oob_broadcast_by_address = AddressBuckets(
+            options.oob_broadcast_rate_per_ip, options.oob_broadcast_burst_per_ip
+        )
+        # Where datagrams may go; the adapter replaces it with one that knows
+        # the host's own addresses and the relay's UDP port.
+        self.next_hops = NextHopPolicy(options.allow_private_next_hops)
+        # Keys whose SET arrived since the last take_bus: their REQUESTED
+        # holders WANT the newest entry once per batch, not once per SET.
+        self._rewant: dict[bytes, None] = {}
+        self._rewanted_at: dict[bytes, float] = {}  # key -> last round, oldest first
         self.datagrams: list[Datagram] = []  # for the adapter: take_datagrams()
 
     # ------------------------------------------------------------------
@@ -299,8 +328,16 @@ class RelayServer:
     # ------------------------------------------------------------------
 
     def open_connection(self, peer_ip: str, now: float) -> ServerConnection:
-        """A socket was accepted. Raises ConnectionRefused when over a limit."""
+        """A socket was accepted. Raises ConnectionRefused when over a limit;
+        at the ``max_unconfirmed`` cap an older handshake is evicted instead."""
         options = self.options
+        address = address_key(peer_ip)
+        if (
+            options.max_unconfirmed_per_ip
+            and self._pending_by_address.count(address) >= options.max_unconfirmed_per_ip
+        ):
+            self.stats["refused.max_unconfirmed_per_ip"] += 1
+            raise ConnectionRefused("max_unconfirmed_per_ip")
         if options.max_connections and self.connection_count >= options.max_connections:
             self.stats["refused.max_connections"] += 1
             raise ConnectionRefused("max_connections")
@@ -311,11 +348,16 @@ class RelayServer:
             self.stats["refused.max_connections_per_ip"] += 1
             raise ConnectionRefused("max_connections_per_ip")
         if options.max_unconfirmed and len(self.pending) >= options.max_unconfirmed:
-            self.stats["refused.max_unconfirmed"] += 1
-            raise ConnectionRefused("max_unconfirmed")
+            # Half-open flood: the address holding the most handshakes loses
+            # its oldest, so the newcomer (honest or not) gets a chance.
+            victim = self._pending_by_address.oldest_of_busiest()
+            if not isinstance(victim, ServerConnection):
+                raise InvariantBroken(f"{len(self.pending)} pending, none held per address")
+            self.kill(victim, "evicted_unconfirmed")
         self._serial += 1
         connection = ServerConnection(self._serial, peer_ip, now)
         self.pending.add(connection)
+        self._pending_by_address.add(connection.address, connection)
         self.connections_per_ip[peer_ip] += 1
         self.connection_count += 1
         self.stats["accepted"] += 1
@@ -391,6 +433,10 @@ class RelayServer:
             raise InvariantBroken(f"{len(self.by_epoch)} epochs for {confirmed} keys")
         if sum(self.connections_per_ip.values()) != self.connection_count:
             raise InvariantBroken("per-address counts do not add up")
+        if self._pending_by_address.size != pending:
+            raise InvariantBroken(
+                f"{self._pending_by_address.size} handshakes per address, {pending} pending"
+            )
         if self._over_limit:
             raise InvariantBroken("a kill at output_hard_limit was never made")
         for connection in self._waiting:
@@ -445,6 +491,11 @@ class RelayServer:
             deadline = now - options.handshake_timeout
             for connection in [c for c in self.pending if c.opened_at <= deadline]:
                 self.kill(connection, "handshake_timeout")
+        self._onion_by_address.forget_refilled(now)
+        self._oob_broadcast_by_address.forget_refilled(now)
+        rewanted = self._rewanted_at
+        while rewanted and next(iter(rewanted.values())) <= now - REWANT_INTERVAL:
+            del rewanted[next(iter(rewanted))]
         self._settle()
 
     def take_dirty(self) -> list[ServerConnection]:
@@ -487,6 +538,7 @@ class RelayServer:
                 )
         else:
             self.pending.discard(connection)
+            self._pending_by_address.remove(connection.address, connection)
         connection.slots = [None] * NUM_CLIENT_CONNECTIONS
         connection.slot_of_key.clear()
         connection.waiting_for = None
@@ -557,6 +609,7 @@ class RelayServer:
         if previous is not None:  # R-CONF-3: last confirmed wins
             self.kill(previous, "R-CONF-3")
         self.pending.discard(connection)
+        self._pending_by_address.remove(connection.address, connection)
         self._identifier += 1
         connection.identifier = self._identifier  # R-CONF-4
         self._epoch_serial += 1
@@ -626,11 +679,25 @@ class RelayServer:
         elif self.peer_shards:
             # Not in our replica: the key may have registered on another shard a
             # moment ago, so each shard delivers it if it holds the key (epoch None).
+            # Every offline key lands here: one copy per shard, so it is rate
+            # limited per address and per worker (amplification, issue 10).
+            if not self._oob_broadcast_allowed(connection):
+                return
             message = (Link.OOB, sender, destination, None, data)
             self._bus.extend((shard, message) for shard in self.peer_shards)
             self.stats["oob_broadcast"] += 1
         else:
             self.stats["dropped.oob_offline"] += 1  # R-OOB-3
+
+    def _oob_broadcast_allowed(self, connection: ServerConnection) -> bool:
+        now = self._clock
+        if not self._oob_broadcast_by_address.take(connection.address, now):
+            self.stats["dropped.oob_broadcast_rate_ip"] += 1
+            return False
+        if not self._oob_broadcast_budget.take(now):
+            self.stats["dropped.oob_broadcast_rate_worker"] += 1
+            return False
+        return True
 
     def _send_remote_data(
         self, connection: ServerConnection, remote: RemotePeer, payload: bytes
@@ -791,19 +858,43 @@ class RelayServer:
             self.stats[counter] += 1
 
     def _onion_allowed(self, connection: ServerConnection, now: float) -> bool:
-        """The per-client and per-worker rate limits on types 8 and 10."""
+        """The per-client, per-address and per-worker rate limits on types 8
+        and 10. The worker's bucket is shared fairly: its last
+        ONION_WORKER_RESERVE is only for addresses whose own bucket is at
+        least half full, so a flood (from however many connections of a few
+        addresses) cannot starve everyone else."""
         budget = connection.onion_budget
+        options = self.options
         if budget is None:
-            options = self.options
             budget = connection.onion_budget = TokenBucket(
                 options.onion_rate_per_client, options.onion_burst_per_client, now
             )
         if not budget.take(now):
             self.stats["dropped.onion_rate_client"] += 1
             return False
-        if not self._onion_budget.take(now):
-            self.stats["dropped.onion_rate_worker"] += 1
+        light = True
+        if options.onion_rate_per_ip > 0:
+            # Spent even when the worker refuses below: an address that keeps
+            # trying empties its own bucket and stops counting as light.
+            by_address = self._onion_by_address.bucket(connection.address, now)
+            if not by_address.take(now):
+                self.stats["dropped.onion_rate_ip"] += 1
+                return False
+            light = by_address.tokens >= by_address.burst / 2
+        worker = self._onion_budget
+        if worker.rate > 0:
+            floor = 1.0 if light else 1.0 + worker.burst * ONION_WORKER_RESERVE
+            if worker.level(now) < floor:
+                self.stats["dropped.onion_rate_worker"] += 1
+                return False
+            worker.tokens -= 1
+        return True
+
+    def _next_hop_refused(self, datagram: Datagram) -> bool:
+        reason = self.next_hops.refusal(datagram.host, datagram.port)
+        if reason is None:
             return False
+        self.stats[f"dropped.{reason}"] += 1
         return True
 
     def _return_path(self, connection: ServerConnection) -> ReturnPath:
@@ -832,6 +923,8 @@ class RelayServer:
         except Dropped as drop:
             self.stats[f"dropped.{drop.reason}"] += 1
             return
+        if self._next_hop_refused(datagram):
+            return
         self.datagrams.append(datagram)
         self.stats["onion.requests_sent"] += 1
 
@@ -848,6 +941,8 @@ class RelayServer:
         except Dropped as drop:
             self.stats[f"dropped.{drop.reason}"] += 1
             return
+        if self._next_hop_refused(datagram):
+            return
         self.datagrams.append(datagram)
         self.stats["forward.requests_sent"] += 1
 
@@ -857,8 +952,40 @@ class RelayServer:
 
     def take_bus(self) -> list[tuple[ShardId, tuple]]:
         """(destination shard, link message) pairs produced since the last call."""
+        if self._rewant:
+            self._send_rewants()
         bus, self._bus = self._bus, []
         return bus
+
+    def _send_rewants(self) -> None:
+        """R-ROUTE-6 across shards: each local connection with a REQUESTED
+        slot for a key that got a SET WANTs the key's newest connection, once
+        for all the SETs of a batch (a key that reconnects N times in a batch
+        costs one WANT per holder, not N), and at most once per
+        REWANT_INTERVAL per key: a later SET waits for a later call (every
+        flush makes one; the tick at the latest)."""
+        rewant, self._rewant = self._rewant, {}
+        now, rewanted = self._clock, self._rewanted_at
+        for public_key in rewant:
+            last = rewanted.get(public_key)
+            if last is not None and now - last < REWANT_INTERVAL:
+                self._rewant[public_key] = None  # too soon: a later call sends it
+                continue
+            rewanted.pop(public_key, None)
+            rewanted[public_key] = now
+            remote = self.directory.get(public_key)
+            if remote is None:
+                continue  # gone again (DEL, DROP_SHARD) within the batch
+            for connection in list(self._wanting.get(public_key, ())):
+                index = connection.slot_of_key[public_key]
+                slot = connection.slots[index]
+                if (
+                    slot is not None
+                    and slot.state is SlotState.REQUESTED
+                    and connection.waiting_for != remote
+                ):
+                    self._send_want(connection, remote)  # requests that crossed converge
+                    self.stats["wants_after_set"] += 1
 
     def take_registry(self) -> list[tuple]:
         """REGISTER / UNREGISTER events for the coordinator since the last call."""
@@ -986,12 +1113,9 @@ class RelayServer:
                 self.directory.pop(public_key, None)
                 self._mapped.add(epoch)
                 return
-            remote = self.directory[public_key] = RemotePeer(shard, public_key, epoch)
-            for connection in list(self._wanting.get(public_key, ())):
-                index = connection.slot_of_key[public_key]
-                slot = connection.slots[index]
-                if slot is not None and slot.state is SlotState.REQUESTED:
-                    self._send_want(connection, remote)  # requests that crossed converge
+            self.directory[public_key] = RemotePeer(shard, public_key, epoch)
+            if public_key in self._wanting:
+                self._rewant[public_key] = None  # WANTed at take_bus (_send_rewants)
         elif kind == MapUpdate.DEL:
             _, public_key, shard, epoch = update
             current = self.directory.get(public_key)

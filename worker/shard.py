@@ -14,10 +14,12 @@ import socket
 from collections.abc import Callable, Iterable
 
 from relaycore.errors import InvariantBroken
+from relaycore.nexthop import NextHopPolicy
 from relaycore.onion import Datagram, OnionSecrets
 from relaycore.options import RelayOptions
 from relaycore.relay import ConnectionRefused, ConnectionState, RelayServer, ServerConnection
 from relaycore.shardlink import EPOCH_RENEW_MARGIN
+from worker.addresses import bound_addresses, host_addresses
 from worker.faults import Faults, exit_broken
 
 log = logging.getLogger("worker.shard")
@@ -142,6 +144,7 @@ class ClientProtocol(asyncio.Protocol):
             # High-water mark = the soft limit: pause_writing tells the core when
             # non-priority packets start being dropped (R-OUT-2).
             transport.set_write_buffer_limits(high=shard.options.output_soft_limit)
+            shard.flush()  # closes a handshake evicted to make room (max_unconfirmed)
         except Exception:
             shard.contain(self, "connection_made")
 
@@ -301,6 +304,15 @@ class Shard:
     ) -> None:
         """Accept on ``sockets``; without ``udp_socket`` onion and forward
         requests are dropped and counted (``dropped.udp_off``)."""
+        sockets = list(sockets)
+        own = host_addresses() | bound_addresses(
+            sockets + ([udp_socket] if udp_socket is not None else [])
+        )
+        self.server.next_hops = NextHopPolicy(
+            self.options.allow_private_next_hops,
+            own,
+            [udp_socket.getsockname()[1]] if udp_socket is not None else [],
+        )
         if udp_socket is not None:
             self._udp_is_v6 = udp_socket.family == socket.AF_INET6
             self._udp, _ = await self.loop.create_datagram_endpoint(

@@ -24,10 +24,9 @@ from tests.adversarial.support import (
 )
 from tests.cluster_process.support import Cluster, run
 
-# The attacker's next hop is its own loopback socket: once private next hops
-# are refused by default (issue 10 finding 5, branch harden-limits), this
-# becomes "allow_private_next_hops = true\n" (the key does not exist before).
-CONFIG = None
+# The attacker's next hop is its own loopback socket: private next hops are
+# refused by default (issue 10 finding 5), so this test opts in.
+CONFIG = "allow_private_next_hops = true\n"
 
 
 def _forward_request(udp: socket.socket, data: bytes) -> bytes:

@@ -30,8 +30,10 @@ def make_cluster(
     shows them with the failure)."""
     clusters: list[Cluster] = []
 
-    def factory(workers: int = 2) -> Cluster:
-        cluster = start_cluster(tmp_path / f"relay-{len(clusters)}", workers)
+    def factory(workers: int = 2, allow_private_next_hops: bool = False) -> Cluster:
+        cluster = start_cluster(
+            tmp_path / f"relay-{len(clusters)}", workers, allow_private_next_hops
+        )
         clusters.append(cluster)
         return cluster
 

@@ -204,8 +204,13 @@ def _is_ours(pid: int) -> bool:
     return b"worker" in cmdline or b"coordinator" in cmdline
 
 
-def start_cluster(workdir: Path, workers: int) -> Cluster:
-    relay = start_relay(workdir, extra_args=["--shard-ports"], workers=workers)
+def start_cluster(workdir: Path, workers: int, allow_private_next_hops: bool = False) -> Cluster:
+    relay = start_relay(
+        workdir,
+        extra_args=["--shard-ports"],
+        workers=workers,
+        allow_private_next_hops=allow_private_next_hops,
+    )
     cluster = Cluster(relay)
     assert len(cluster.shards()) == workers, relay.stdout_lines
     assert len(cluster.coordinator_pids()) == 1, relay.stdout_lines

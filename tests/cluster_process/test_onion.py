@@ -44,7 +44,7 @@ def onion_request(port: int) -> bytes:
 def test_replies_reach_the_client_whichever_worker_receives_them(
     make_cluster: Callable[..., Cluster],
 ) -> None:
-    cluster = make_cluster(workers=2)
+    cluster = make_cluster(workers=2, allow_private_next_hops=True)
     udp_port = cluster.relay.udp_port
     assert udp_port, cluster.lines
 
@@ -95,7 +95,7 @@ def test_answers_for_a_killed_workers_client_never_reach_its_new_connection(
     SIGKILL, the client reconnected with the same key on the replacement);
     answers to the old requests, whichever worker receives them, are dropped,
     while a new request of the new connection is answered."""
-    cluster = make_cluster(workers=2)
+    cluster = make_cluster(workers=2, allow_private_next_hops=True)
     udp_port = cluster.relay.udp_port
     victim, _ = cluster.shards()
 

@@ -35,6 +35,8 @@ from tests.relaycore.harness import Network, load_vectors
 
 SECRETS = OnionSecrets(bytes(range(100, 132)))
 NODE2 = bytes.fromhex("027f000001000000000000000000000000a9ce")  # 127.0.0.1:43470
+# The next hops here are on loopback: opt in, as a LAN-only relay would.
+LOOPBACK_HOPS = RelayOptions(allow_private_next_hops=True)
 
 
 def onion_plain(length: int, address: bytes = NODE2) -> bytes:
@@ -50,7 +52,7 @@ def reply_to(datagram: Datagram, response: bytes) -> bytes:
 
 @pytest.fixture
 def net() -> Network:
-    return Network(onion_secrets=SECRETS, now=1000.0)
+    return Network(LOOPBACK_HOPS, onion_secrets=SECRETS, now=1000.0)
 
 
 # ----------------------------------------------------------------------
@@ -332,7 +334,7 @@ def test_r_fwd_6_over_long_reply_dropped_at_the_first_hop(net: Network, length: 
 
 
 def test_r_fwd_6_over_long_reply_for_another_shard_never_reaches_the_bus() -> None:
-    asking = Network(onion_secrets=SECRETS, now=100.0, shard=1)
+    asking = Network(LOOPBACK_HOPS, onion_secrets=SECRETS, now=100.0, shard=1)
     asking.connect("a")
     asking.send_plain("a", b"\x0a\x02\x7f\x00\x00\x01\xa9\xd1x")
     [datagram] = asking.server.take_datagrams()
@@ -354,7 +356,7 @@ def test_r_fwd_6_forward_reply_refuses_data_no_frame_can_carry() -> None:
 def test_an_over_long_reply_from_the_bus_is_dropped_not_raised() -> None:
     """A REPLY message whose plaintext no frame can carry (an older worker, a
     bug elsewhere) is counted and dropped where it would be framed."""
-    asking = Network(onion_secrets=SECRETS, now=100.0, shard=1)
+    asking = Network(LOOPBACK_HOPS, onion_secrets=SECRETS, now=100.0, shard=1)
     a = asking.connect("a")
     epoch = asking.server.by_key[a.client.public_key].epoch
     asking.server.receive_link(2, (Link.REPLY, epoch, b"\x0b" + bytes(2100)), 100.6)
@@ -378,7 +380,9 @@ def test_r_fwd_5_udp_and_chain_sendbacks_are_not_ours() -> None:
 
 
 def test_per_client_rate_limit_counts_drops_and_refills() -> None:
-    options = RelayOptions(onion_rate_per_client=2.0, onion_burst_per_client=3.0)
+    options = RelayOptions(
+        onion_rate_per_client=2.0, onion_burst_per_client=3.0, allow_private_next_hops=True
+    )
     net = Network(options, onion_secrets=SECRETS, now=50.0)
     a = net.connect("a")
     net.connect("b")
@@ -394,7 +398,7 @@ def test_per_client_rate_limit_counts_drops_and_refills() -> None:
 
 
 def test_per_worker_rate_limit() -> None:
-    options = RelayOptions(onion_rate_per_worker=4.0)
+    options = RelayOptions(onion_rate_per_worker=4.0, allow_private_next_hops=True)
     net = Network(options, onion_secrets=SECRETS, now=50.0)
     for name in "abc":
         net.connect(name)
@@ -434,7 +438,7 @@ def _shard(shard: int) -> RelayServer:
 
 
 def test_reply_for_another_shard_crosses_the_bus_and_is_delivered_there() -> None:
-    asking = Network(onion_secrets=SECRETS, now=100.0, shard=1)
+    asking = Network(LOOPBACK_HOPS, onion_secrets=SECRETS, now=100.0, shard=1)
     asking.server.set_peer_shards([2])
     a = asking.connect("a")
     asking.send_plain("a", onion_plain(300))
@@ -478,7 +482,7 @@ def test_reply_for_a_shard_not_yet_listed_still_crosses() -> None:
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=2100), first=st.sampled_from([0x8E, 0x92, 0x80, 0x02]))
 def test_any_datagram_is_handled_or_counted_never_raises(data: bytes, first: int) -> None:
-    net = Network(onion_secrets=SECRETS, now=1000.0)
+    net = Network(LOOPBACK_HOPS, onion_secrets=SECRETS, now=1000.0)
     a = net.connect("a")
     net.receive_datagram(bytes((first,)) + data)
     assert a.received == [] and not a.closed  # nothing opens without the key
@@ -488,7 +492,7 @@ def test_any_datagram_is_handled_or_counted_never_raises(data: bytes, first: int
 @settings(max_examples=300, deadline=None)
 @given(body=st.binary(min_size=159, max_size=2031), kind=st.sampled_from([8, 10]))
 def test_any_request_is_sent_dropped_or_kills_by_the_spec(body: bytes, kind: int) -> None:
-    net = Network(onion_secrets=SECRETS, now=1000.0)
+    net = Network(LOOPBACK_HOPS, onion_secrets=SECRETS, now=1000.0)
     a = net.connect("a")
     net.send_plain("a", bytes((kind,)) + body)
     datagrams = net.server.take_datagrams()
@@ -503,7 +507,7 @@ def test_any_request_is_sent_dropped_or_kills_by_the_spec(body: bytes, kind: int
 def test_answers_follow_a_connection_whose_epoch_was_renewed() -> None:
     """After its own DROP_SHARD (dropped while alive) a shard renews its
     connections' epochs; return paths made afterwards still reach them."""
-    net = Network(onion_secrets=SECRETS, now=100.0, shard=1)
+    net = Network(LOOPBACK_HOPS, onion_secrets=SECRETS, now=100.0, shard=1)
     a = net.connect("a")
     old_epoch = a.connection.epoch
     net.server.apply_map_update((MapUpdate.DROP_SHARD, 1, False))

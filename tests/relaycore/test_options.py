@@ -112,27 +112,69 @@ def test_connections_per_ip_entry_removed_when_last_one_closes(net: Network) -> 
 
 
 def test_max_unconfirmed_counts_incoming_and_unconfirmed() -> None:
+    """At the cap a newcomer is accepted and the oldest handshake of the
+    address holding the most is evicted (issue 10 #6); confirming leaves the
+    pending set."""
     net = Network(RelayOptions(max_unconfirmed=2))
-    net.open("incoming")
+    incoming = net.open("incoming")
     unconfirmed = net.handshake("unconfirmed")
-    with pytest.raises(ConnectionRefused) as caught:
-        net.open("c")
-    assert caught.value.reason == "max_unconfirmed"
-    assert net.server.stats["refused.max_unconfirmed"] == 1
+    net.open("c")
+    net.pump()
+    assert incoming.closed and incoming.close_reason == "evicted_unconfirmed"
+    assert not unconfirmed.closed
+    assert net.server.stats["closed.evicted_unconfirmed"] == 1
+    assert len(net.server.pending) == 2
     net.send("unconfirmed", Ping(bytes(8)))  # confirms: leaves the pending set
     assert unconfirmed.connection.state is ConnectionState.CONFIRMED
-    net.open("c")
+    net.open("d")
+    assert len(net.server.pending) == 2
+    assert net.server.stats["closed.evicted_unconfirmed"] == 1
+
+
+def test_max_unconfirmed_evicts_the_oldest_of_the_busiest_address() -> None:
+    """Half-open flood (issue 10 #6): a flooding address loses its own oldest
+    handshakes; honest addresses' handshakes survive and newcomers get in."""
+    net = Network(RelayOptions(max_unconfirmed=4, max_unconfirmed_per_ip=0))
+    honest = net.handshake("honest", ip="192.0.2.10")
+    flood = [net.open(f"f{i}", ip="198.51.100.66") for i in range(3)]
+    newcomer = net.open("newcomer", ip="192.0.2.11")
+    net.pump()
+    assert flood[0].closed and flood[0].close_reason == "evicted_unconfirmed"
+    assert not honest.closed and not newcomer.closed
+    more = [net.open(f"g{i}", ip="198.51.100.66") for i in range(5)]
+    net.pump()
+    assert not honest.closed and not newcomer.closed
+    assert [p.closed for p in flood + more] == [True] * 6 + [False] * 2
+    net.send("honest", Ping(bytes(8)))
+    assert honest.connection.state is ConnectionState.CONFIRMED
+
+
+def test_max_unconfirmed_per_ip_refuses_that_address_only() -> None:
+    """IPv4 addresses count one by one, IPv6 ones per /64 (issue 10 #6)."""
+    net = Network(RelayOptions(max_unconfirmed_per_ip=2))
+    net.open("a1", ip="198.51.100.1")
+    net.open("a2", ip="::ffff:198.51.100.1")  # the same address, IPv4-mapped
+    with pytest.raises(ConnectionRefused) as caught:
+        net.open("a3", ip="198.51.100.1")
+    assert caught.value.reason == "max_unconfirmed_per_ip"
+    net.open("b1", ip="198.51.100.2")
+    net.open("v1", ip="2001:db8:1:2::1")
+    net.open("v2", ip="2001:db8:1:2:ffff::9")
     with pytest.raises(ConnectionRefused):
-        net.open("d")
+        net.open("v3", ip="2001:db8:1:2::77")
+    net.open("w1", ip="2001:db8:1:3::1")  # another /64
+    assert net.server.stats["refused.max_unconfirmed_per_ip"] == 2
+    net.pump()  # every hello is answered
+    net.send("a1", Ping(bytes(8)))  # a1 confirms: room for one more
+    assert net["a1"].connection.state is ConnectionState.CONFIRMED
+    net.open("a4", ip="198.51.100.1")
 
 
 def test_max_unconfirmed_freed_by_handshake_timeout() -> None:
     net = Network(RelayOptions(max_unconfirmed=1))
-    net.open("slow")
-    with pytest.raises(ConnectionRefused):
-        net.open("b")
+    slow = net.open("slow")
     net.tick(10.0)
-    assert net["slow"].closed
+    assert slow.closed and slow.close_reason == "handshake_timeout"
     net.connect("b")
 
 

@@ -93,8 +93,14 @@ def start_relay(
     config: str | None = None,
     ports: int = 1,
     workers: int = 2,
+    allow_private_next_hops: bool = False,
 ) -> RelayProcess:
-    """Run `cluster start --workers N` on 127.0.0.1 with ``ports`` kernel-chosen ports."""
+    """Run `cluster start --workers N` on 127.0.0.1 with ``ports`` kernel-chosen ports.
+
+    ``allow_private_next_hops``: onion / forward requests may name next hops on
+    loopback (the tests' stand-in DHT nodes); off by default, as in production."""
+    if allow_private_next_hops:
+        config = "allow_private_next_hops = true\n" + (config or "")
     workdir.mkdir(parents=True, exist_ok=True)
     keys = workdir / "relay.keys"
     write_keys(keys, secret_key)

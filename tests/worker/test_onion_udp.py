@@ -16,6 +16,9 @@ from relaycore.options import RelayOptions
 from relaycore.packets import Forwarding, OnionResponse
 from tests.support.inprocess import HOST, live_relay, wait_for
 
+# The stand-in next hops are on loopback: opt in, as a LAN-only relay would.
+LOOPBACK_HOPS = RelayOptions(allow_private_next_hops=True)
+
 
 def run(coro):  # type: ignore[no-untyped-def]
     return uvloop.run(asyncio.wait_for(coro, 30))
@@ -57,7 +60,7 @@ def test_onion_request_goes_out_and_the_answer_comes_back() -> None:
 
 
 async def _onion_request_goes_out_and_the_answer_comes_back() -> None:
-    async with live_relay() as relay:
+    async with live_relay(LOOPBACK_HOPS) as relay:
         hop, hop_port = await next_hop()
         client = await relay.client()
         other = await relay.client()
@@ -88,7 +91,7 @@ def test_forward_request_and_reply(payload: bytes) -> None:
 
 
 async def _forward_request_and_reply(payload: bytes) -> None:
-    async with live_relay() as relay:
+    async with live_relay(LOOPBACK_HOPS) as relay:
         hop, hop_port = await next_hop()
         client = await relay.client()
         client.send_plain(forward_request(hop_port, payload))
@@ -109,7 +112,7 @@ def test_answer_after_the_client_reconnected_is_dropped() -> None:
 async def _answer_after_the_client_reconnected_is_dropped() -> None:
     """A return path names a connection instance: the same key connected again
     never gets the old connection's answers."""
-    async with live_relay() as relay:
+    async with live_relay(LOOPBACK_HOPS) as relay:
         hop, hop_port = await next_hop()
         key = os.urandom(32)
         first = await relay.client(secret_key=key)
@@ -133,7 +136,9 @@ def test_rate_limit_drops_and_counts_without_closing() -> None:
 
 
 async def _rate_limit_drops_and_counts_without_closing() -> None:
-    options = RelayOptions(onion_rate_per_client=1.0, onion_burst_per_client=2.0)
+    options = RelayOptions(
+        onion_rate_per_client=1.0, onion_burst_per_client=2.0, allow_private_next_hops=True
+    )
     async with live_relay(options) as relay:
         hop, hop_port = await next_hop()
         client = await relay.client()
@@ -154,7 +159,7 @@ def test_ipv6_next_hop_from_an_ipv4_relay_is_counted_not_sent() -> None:
 
 
 async def _ipv6_next_hop_from_an_ipv4_relay_is_counted_not_sent() -> None:
-    async with live_relay() as relay:
+    async with live_relay(LOOPBACK_HOPS) as relay:
         client = await relay.client()
         address = b"\x0a" + bytes(15) + b"\x01" + struct.pack(">H", 9)
         client.send_plain(b"\x08" + bytes(24) + address + bytes(300))
@@ -162,3 +167,38 @@ async def _ipv6_next_hop_from_an_ipv4_relay_is_counted_not_sent() -> None:
         stats = relay.shard.server.stats
         await wait_for(lambda: stats["dropped.udp_unreachable"] == 1)
         await client.close()
+
+
+def test_loopback_and_own_udp_port_are_refused_next_hops() -> None:
+    """Issue 10 #5: by default nothing is sent to a next hop on the relay's own
+    host (loopback here); opted in, loopback is a next hop but the relay's own
+    UDP socket never is. Each refusal is counted, nothing reaches the hop."""
+    run(_loopback_and_own_udp_port_are_refused_next_hops())
+
+
+async def _loopback_and_own_udp_port_are_refused_next_hops() -> None:
+    hop, hop_port = await next_hop()
+    async with live_relay() as relay:
+        client = await relay.client()
+        client.send_plain(onion_request(hop_port))
+        client.send_plain(forward_request(hop_port, b"x" * 40))
+        await client.ping()
+        stats = relay.shard.server.stats
+        assert stats["dropped.next_hop_own_address"] == 2
+        assert stats["udp.sent"] == 0
+        await client.close()
+    async with live_relay(LOOPBACK_HOPS) as relay:
+        client = await relay.client()
+        client.send_plain(forward_request(relay.udp_port, b"x" * 40))
+        client.send_plain(forward_request(hop_port, b"y" * 40))
+        await client.ping()
+        stats = relay.shard.server.stats
+        await wait_for(lambda: stats["udp.sent"] == 1)
+        assert stats["dropped.next_hop_self"] == 1
+        await client.close()
+    data, _ = await asyncio.wait_for(hop.received.get(), 2)
+    assert data.endswith(b"y" * 40)
+    await asyncio.sleep(0.1)
+    assert hop.received.empty()
+    assert hop.transport is not None
+    hop.transport.close()

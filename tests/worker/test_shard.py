@@ -131,22 +131,30 @@ def test_max_connections_refuses_beyond_the_limit() -> None:
     run(scenario())
 
 
-def test_unconfirmed_cap_refuses_new_and_keeps_pending_handshakes() -> None:
-    """Improvement over R-LIM-1/2: at the cap, new sockets are refused; the
-    half-done handshakes already accepted can still complete."""
+def test_unconfirmed_cap_evicts_the_flooders_oldest_and_lets_newcomers_in() -> None:
+    """Issue 10 #6 over real sockets: at the cap a bare socket of the address
+    holding the most handshakes is closed, an honest newcomer from another
+    address connects; one address over its own cap is refused on accept."""
 
     async def scenario() -> None:
-        async with live_relay(RelayOptions(max_unconfirmed=2)) as relay:
+        options = RelayOptions(max_unconfirmed=3, max_unconfirmed_per_ip=3)
+        async with live_relay(options) as relay:
             server = relay.shard.server
-            pending = [await relay.client(confirm=False) for _ in range(2)]
+            bare = [await relay.raw_socket("127.0.0.2") for _ in range(3)]
+            await wait_for(lambda: len(server.pending) == 3)
+            honest = await relay.client()  # from 127.0.0.1
+            await honest.ping()
+            oldest_reader = bare[0][0]
+            assert await asyncio.wait_for(oldest_reader.read(1), 2) == b""
+            assert server.stats["closed.evicted_unconfirmed"] == 1
             await wait_for(lambda: len(server.pending) == 2)
-            with pytest.raises(ConnectionClosed):
-                await relay.client(confirm=False)
-            assert server.stats["refused.max_unconfirmed"] == 1
-            for client in pending:  # the honest handshakes finish normally
-                await client.ping()
-            assert len(server.pending) == 0
-            await relay.client()  # room again
+            another = await relay.raw_socket("127.0.0.2")  # 3 of its own again: the cap
+            extra_reader, _ = await relay.raw_socket("127.0.0.2")
+            assert await asyncio.wait_for(extra_reader.read(1), 2) == b""
+            assert server.stats["refused.max_unconfirmed_per_ip"] == 1
+            for _, writer in [*bare, another]:
+                writer.close()
+            await honest.close()
 
     run(scenario())
 
