@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from relaycore.options import RelayOptions
+from relaycore.options import COMPAT_VERSIONS, RelayOptions
 
 
 class ConfigError(Exception):
@@ -44,6 +44,7 @@ class RelayConfig:
     onion_rate_per_client: float = _CORE_DEFAULTS.onion_rate_per_client
     onion_burst_per_client: float = _CORE_DEFAULTS.onion_burst_per_client
     onion_rate_per_worker: float = _CORE_DEFAULTS.onion_rate_per_worker
+    compat: str = _CORE_DEFAULTS.compat
     listen_backlog: int = 4096
     min_open_files: int = 4096
     shard_ports: bool = False
@@ -172,6 +173,12 @@ def _validate(key: str, value: object) -> object:
             return _int(key, value, 1, 65535)
         case "min_open_files":
             return _int(key, value, 0)
+        case "compat":
+            if value not in COMPAT_VERSIONS:
+                raise ConfigError(
+                    f"compat: {value!r} is not one of {', '.join(map(repr, COMPAT_VERSIONS))}"
+                )
+            return value
     raise ConfigError(f"{key}: unknown configuration key (known: {', '.join(CONFIG_KEYS)})")
 
 

@@ -1,8 +1,13 @@
-"""Tunable behaviour of the server core: limits and the documented differences
-from tox-bootstrapd 0.2.18 (docs/differences.md). Validation of user input
+"""Tunable behaviour of the server core: limits, the reference version followed,
+and the documented differences from tox-bootstrapd (docs/differences.md). Validation of user input
 lives in ``cluster.config``; this module only holds the values."""
 
 from dataclasses import dataclass
+
+# The reference versions whose wire behaviour a relay can follow where they differ
+# (docs/protocol-changes.md): the newest by default, Debian's for byte-exact
+# comparison with its daemon.
+COMPAT_VERSIONS = ("0.2.23", "0.2.18")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +38,15 @@ class RelayOptions:
     onion_burst_per_client: float = 200.0
     # The same for all clients of one worker together (burst = one second's).
     onion_rate_per_worker: float = 20000.0
+    # "0.2.18" drops group announce responses (0x88) in onion replies as that
+    # daemon does (R-ORET-2); "0.2.23" passes them like 0x84/0x86 (R-ORET-2a).
+    compat: str = COMPAT_VERSIONS[0]
     ping_interval: float = 30.0  # R-PING-2
     ping_timeout: float = 10.0  # R-PING-4
 
     def __post_init__(self) -> None:
+        if self.compat not in COMPAT_VERSIONS:
+            raise ValueError(f"compat must be one of {', '.join(COMPAT_VERSIONS)}")
         # R-ORDER-1 checks "ping due" before "ping timed out": with a timeout
         # that is not shorter than the interval, R-PING-4 could never fire.
         if not 0 < self.ping_timeout < self.ping_interval:
