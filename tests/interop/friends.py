@@ -144,9 +144,15 @@ def percentile(values: Sequence[float], pct: float) -> float:
 class _Peer:
     """One client and what its callbacks saw."""
 
-    def __init__(self, name: str, relay: RelayEndpoint, dht_nodes: Sequence[DhtNode]) -> None:
+    def __init__(
+        self,
+        name: str,
+        relay: RelayEndpoint,
+        dht_nodes: Sequence[DhtNode],
+        client: ToxClient | None = None,
+    ) -> None:
         self.name = name
-        self.client = ToxClient()
+        self.client = client or ToxClient()
         self.client.add_tcp_relay(relay.host, relay.port, relay.public_key)
         for node in dht_nodes:
             self.client.bootstrap(node.host, node.port, node.public_key)
