@@ -45,6 +45,9 @@ class RelayConfig:
     onion_burst_per_client: float = _CORE_DEFAULTS.onion_burst_per_client
     onion_rate_per_worker: float = _CORE_DEFAULTS.onion_rate_per_worker
     compat: str = _CORE_DEFAULTS.compat
+    motd: str = _CORE_DEFAULTS.motd
+    info_version: int = _CORE_DEFAULTS.info_version
+    info_rate_per_worker: float = _CORE_DEFAULTS.info_rate_per_worker
     listen_backlog: int = 4096
     min_open_files: int = 4096
     shard_ports: bool = False
@@ -139,7 +142,7 @@ def _validate(key: str, value: object) -> object:
             return _int(key, value, 0, 65535)
         case "onion":
             return _bool(key, value)
-        case "onion_rate_per_client" | "onion_rate_per_worker":
+        case "onion_rate_per_client" | "onion_rate_per_worker" | "info_rate_per_worker":
             return _number(key, value, 0.0, "packets per second")
         case "onion_burst_per_client":
             return _number(key, value, 1.0, "packets")
@@ -173,6 +176,14 @@ def _validate(key: str, value: object) -> object:
             return _int(key, value, 1, 65535)
         case "min_open_files":
             return _int(key, value, 0)
+        case "motd":
+            if not isinstance(value, str):
+                raise ConfigError(f"motd: expected a string, got {_type_name(value)} {value!r}")
+            if "\x00" in value:
+                raise ConfigError("motd: must not contain a NUL character")
+            return value
+        case "info_version":
+            return _int(key, value, 0, 0xFFFFFFFF)
         case "compat":
             if value not in COMPAT_VERSIONS:
                 raise ConfigError(

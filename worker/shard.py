@@ -13,7 +13,8 @@ import logging
 import socket
 from collections.abc import Callable, Iterable
 
-from relaycore.onion import Datagram, OnionSecrets
+from relaycore.bootstrap_info import format_uptime, info_response, is_info_request, render_motd
+from relaycore.onion import Datagram, OnionSecrets, TokenBucket
 from relaycore.options import RelayOptions
 from relaycore.relay import ConnectionRefused, ConnectionState, RelayServer, ServerConnection
 
@@ -76,6 +77,9 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         shard = self.shard
+        if data[:1] == b"\xf0":
+            shard.answer_info_request(data, addr)
+            return
         shard.server.receive_datagram(data, shard.loop.time())
         shard.flush()
 
@@ -182,6 +186,10 @@ class Shard:
         self.after_flush: Callable[[], None] | None = None  # the cluster link's hook
         self.loop_lag = 0.0
         self._tick_due = 0.0
+        self._started_at = loop.time()
+        self._info_budget = TokenBucket(
+            options.info_rate_per_worker, max(1.0, options.info_rate_per_worker), 0.0
+        )
 
     async def serve(
         self,
@@ -227,6 +235,32 @@ class Shard:
                 # Written above: what the kernel took goes out; the rest of the
                 # transport's buffer is the queued output R-KILL-1 discards.
                 transport.abort()  # type: ignore[attr-defined]
+
+    def answer_info_request(self, request: bytes, addr: tuple) -> None:
+        """A bootstrap-info request (0xF0): version and MOTD back to the sender,
+        as tox-bootstrapd answers status pages (relaycore.bootstrap_info)."""
+        stats = self.server.stats
+        transport = self._udp
+        options = self.options
+        if not options.motd or transport is None or not is_info_request(request):
+            stats["udp.ignored"] += 1  # off, or not 78 bytes: the reference ignores it too
+            return
+        now = self.loop.time()
+        if not self._info_budget.take(now):
+            stats["dropped.info_rate"] += 1
+            return
+        values = {
+            "worker_uptime": format_uptime(now - self._started_at),
+            "worker_connections": self.server.connection_count,
+            "worker_relayed": stats["relayed"],
+        }
+        answer = info_response(options.info_version, render_motd(options.motd, values))
+        try:
+            transport.sendto(answer, addr)
+        except OSError:
+            stats["udp.errors"] += 1
+        else:
+            stats["udp.info_answered"] += 1
 
     def _send_datagrams(self, datagrams: list[Datagram]) -> None:
         stats = self.server.stats

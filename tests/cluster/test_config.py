@@ -55,6 +55,10 @@ def write(tmp_path: Path, text: str) -> Path:
         ("max_conections = 3", "max_conections: unknown configuration key"),
         ('compat = "0.2.20"', "compat: '0.2.20' is not one of '0.2.23', '0.2.18'"),
         ("compat = 0.218", "compat: 0.218 is not one of"),
+        ("motd = 5", "motd: expected a string"),
+        ('motd = "a\\u0000b"', "motd: must not contain a NUL"),
+        ("info_version = 4294967296", "info_version: 4294967296 is out of range"),
+        ("info_rate_per_worker = -1", "info_rate_per_worker: -1 is out of range"),
     ],
 )
 def test_bad_value_names_the_key(tmp_path: Path, line: str, message: str) -> None:
