@@ -1,6 +1,7 @@
 """Tunable behaviour of the server core: limits, the reference version followed,
-and the documented differences from tox-bootstrapd (docs/differences.md). Validation of user input
-lives in ``cluster.config``; this module only holds the values."""
+and the documented differences from tox-bootstrapd (docs/differences.md).
+Validation of user input lives in ``cluster.config``; this module only holds the
+values."""
 
 from dataclasses import dataclass
 

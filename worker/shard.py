@@ -249,6 +249,9 @@ class Shard:
         if not self._info_budget.take(now):
             stats["dropped.info_rate"] += 1
             return
+        if transport.get_write_buffer_size() > UDP_BACKLOG_LIMIT:
+            stats["dropped.udp_backlog"] += 1
+            return
         values = {
             "worker_uptime": format_uptime(now - self._started_at),
             "worker_connections": self.server.connection_count,
