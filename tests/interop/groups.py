@@ -29,16 +29,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from tests.interop.friends import (
+    Driver,
+    Peer,
     RelayEndpoint,
     ScenarioConfig,
     ScenarioError,
     SocketReport,
-    _Driver,
-    _exchange_messages,
-    _log_tail,
-    _own_udp_inodes,
-    _Peer,
-    _socket_reports,
+    exchange_messages,
+    log_tail,
+    own_udp_inodes,
+    socket_reports,
 )
 from tests.interop.toxcore import own_socket_fds
 from tests.interop.toxgroups import PRIVACY_PRIVATE, PRIVACY_PUBLIC, ToxGroupClient
@@ -76,8 +76,8 @@ class GroupsResult:
     log_tail: list[str] = field(default_factory=list)
 
 
-class _GroupPeer(_Peer):
-    """A :class:`_Peer` on a :class:`ToxGroupClient`, with what its group callbacks saw."""
+class GroupPeer(Peer):
+    """A :class:`Peer` on a :class:`ToxGroupClient`, with what its group callbacks saw."""
 
     def __init__(
         self, name: str, relay: RelayEndpoint, dht_nodes: Sequence[DhtNode], lib: ctypes.CDLL
@@ -106,7 +106,7 @@ class _GroupPeer(_Peer):
         return bool(self.peers.get(group))
 
 
-def _in_group(founder: _GroupPeer, group_f: int, joiner: _GroupPeer, group_j: int) -> bool:
+def _in_group(founder: GroupPeer, group_f: int, joiner: GroupPeer, group_j: int) -> bool:
     """The joiner has synced with the group (its self-join callback; toxcore calls it
     for joiners only) and the founder has seen it join."""
     return group_j in joiner.joined and founder.sees_peer(group_f)
@@ -123,16 +123,16 @@ def run_groups_scenario(
     (with the clients' log tail) when one fails."""
     config = config or GroupsConfig()
     relay_ports = {relay_a.port, relay_b.port}
-    udp_before = _own_udp_inodes()
+    udp_before = own_udp_inodes()
     tcp_before = set(own_socket_fds())
-    peers: list[_GroupPeer] = []
+    peers: list[GroupPeer] = []
     try:
         started = time.monotonic()
-        a = _GroupPeer("A", relay_a, dht_nodes, lib)
+        a = GroupPeer("A", relay_a, dht_nodes, lib)
         peers.append(a)
-        b = _GroupPeer("B", relay_b, dht_nodes, lib)
+        b = GroupPeer("B", relay_b, dht_nodes, lib)
         peers.append(b)
-        driver = _Driver(peers, started + config.total_timeout_s)
+        driver = Driver(peers, started + config.total_timeout_s)
 
         # a. friends
         def accept(public_key: bytes, _message: bytes) -> None:
@@ -149,7 +149,7 @@ def run_groups_scenario(
         )
         assert a.friend_status_at is not None and b.friend_status_at is not None
         friend_connected_s = max(a.friend_status_at, b.friend_status_at) - started
-        _exchange_messages(
+        exchange_messages(
             driver, a, b, ScenarioConfig(messages_each_way=config.friend_messages_each_way)
         )
 
@@ -190,24 +190,24 @@ def run_groups_scenario(
             public_join_s=public_join_s,
             private_join_s=private_join_s,
             group_rtts=group_rtts,
-            sockets=_socket_reports(exclude=tcp_before),
-            new_udp_sockets=len(_own_udp_inodes() - udp_before),
-            log_tail=_log_tail(peers),
+            sockets=socket_reports(exclude=tcp_before),
+            new_udp_sockets=len(own_udp_inodes() - udp_before),
+            log_tail=log_tail(peers),
         )
         _check_no_other_path(result, relay_ports)
         return result
     except ScenarioError as exc:
-        raise ScenarioError(f"{exc}\n" + "\n".join(_log_tail(peers))) from None
+        raise ScenarioError(f"{exc}\n" + "\n".join(log_tail(peers))) from None
     finally:
         for peer in peers:
             peer.client.kill()
 
 
 def _exchange_group_messages(
-    driver: _Driver,
-    a: _GroupPeer,
+    driver: Driver,
+    a: GroupPeer,
     group_a: int,
-    b: _GroupPeer,
+    b: GroupPeer,
     group_b: int,
     count: int,
     config: GroupsConfig,
@@ -238,7 +238,7 @@ def _exchange_group_messages(
 
 
 def _group_rtts(
-    driver: _Driver, a: _GroupPeer, group_a: int, b: _GroupPeer, group_b: int, config: GroupsConfig
+    driver: Driver, a: GroupPeer, group_a: int, b: GroupPeer, group_b: int, config: GroupsConfig
 ) -> list[float]:
     """Five echo round trips A -> B -> A in one group."""
     b.echo_group = group_b
