@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from relaycore.options import RelayOptions
+from relaycore.options import COMPAT_VERSIONS, RelayOptions
 
 
 class ConfigError(Exception):
@@ -52,6 +52,10 @@ class RelayConfig:
     oob_broadcast_rate_per_ip: float = _CORE_DEFAULTS.oob_broadcast_rate_per_ip
     oob_broadcast_burst_per_ip: float = _CORE_DEFAULTS.oob_broadcast_burst_per_ip
     oob_broadcast_rate_per_worker: float = _CORE_DEFAULTS.oob_broadcast_rate_per_worker
+    compat: str = _CORE_DEFAULTS.compat
+    motd: str = _CORE_DEFAULTS.motd
+    info_version: int = _CORE_DEFAULTS.info_version
+    info_rate_per_worker: float = _CORE_DEFAULTS.info_rate_per_worker
     listen_backlog: int = 4096
     min_open_files: int = 4096
     shard_ports: bool = False
@@ -150,7 +154,7 @@ def _validate(key: str, value: object) -> object:
             return _bool(key, value)
         case (
             "onion_rate_per_client" | "onion_rate_per_ip" | "onion_rate_per_worker"
-            | "oob_broadcast_rate_per_ip" | "oob_broadcast_rate_per_worker"
+            | "oob_broadcast_rate_per_ip" | "oob_broadcast_rate_per_worker" | "info_rate_per_worker"
         ):  # fmt: skip
             return _number(key, value, 0.0, "packets per second")
         case "onion_burst_per_client" | "onion_burst_per_ip" | "oob_broadcast_burst_per_ip":
@@ -188,6 +192,20 @@ def _validate(key: str, value: object) -> object:
             return _int(key, value, 1, 65535)
         case "min_open_files":
             return _int(key, value, 0)
+        case "motd":
+            if not isinstance(value, str):
+                raise ConfigError(f"motd: expected a string, got {_type_name(value)} {value!r}")
+            if "\x00" in value:
+                raise ConfigError("motd: must not contain a NUL character")
+            return value
+        case "info_version":
+            return _int(key, value, 0, 0xFFFFFFFF)
+        case "compat":
+            if value not in COMPAT_VERSIONS:
+                raise ConfigError(
+                    f"compat: {value!r} is not one of {', '.join(map(repr, COMPAT_VERSIONS))}"
+                )
+            return value
     raise ConfigError(f"{key}: unknown configuration key (known: {', '.join(CONFIG_KEYS)})")
 
 

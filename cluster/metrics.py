@@ -154,6 +154,12 @@ class ClusterStats:
                 "onion_requests": totals.get("onion.requests_sent", 0),
                 "onion_replies": totals.get("onion.replies_delivered", 0),
                 "onion_replies_crossed_shards": totals.get("onion.replies_to_other_shards", 0),
+                "onion_replies_by_type": {
+                    key.removeprefix("onion.replies_delivered_"): value
+                    for key, value in sorted(totals.items())
+                    if key.startswith("onion.replies_delivered_")
+                },
+                "onion_replies_dropped_bad_type": totals.get("dropped.onion_reply_bad_type", 0),
                 "forward_requests": totals.get("forward.requests_sent", 0),
                 "forward_replies": totals.get("forward.replies_delivered", 0),
                 "worker_restarts": self.worker_restarts,

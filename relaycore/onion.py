@@ -46,6 +46,14 @@ NET_PACKET_FORWARDING = 0x91
 NET_PACKET_FORWARD_REPLY = 0x92
 ANNOUNCE_RESPONSE_OLD = 0x84
 ONION_DATA_RESPONSE = 0x86
+ANNOUNCE_RESPONSE = 0x88  # group announce response, c-toxcore >= 0.2.19
+
+# Onion responses a first hop hands back to its TCP client, by the reference version
+# followed (RelayOptions.compat): R-ORET-2 (0.2.18), R-ORET-2a (0.2.19 and later).
+ONION_RESPONSE_TYPES = {
+    "0.2.18": frozenset((ANNOUNCE_RESPONSE_OLD, ONION_DATA_RESPONSE)),
+    "0.2.23": frozenset((ANNOUNCE_RESPONSE_OLD, ONION_DATA_RESPONSE, ANNOUNCE_RESPONSE)),
+}
 
 FAMILY_INET = 2
 FAMILY_INET6 = 10
@@ -219,13 +227,18 @@ def onion_send_1(body: bytes, return_block: bytes) -> Datagram:
     return Datagram(host, port, data)
 
 
-def onion_recv_1(datagram: bytes, keys: list[bytes]) -> Reply:
-    """A UDP 0x8e reply to the TCP packet ``09 || response`` (R-ORET-1..6)."""
+def onion_recv_1(
+    datagram: bytes,
+    keys: list[bytes],
+    response_types: frozenset[int] = ONION_RESPONSE_TYPES["0.2.23"],
+) -> Reply:
+    """A UDP 0x8e reply to the TCP packet ``09 || response`` (R-ORET-1..6); the
+    response's id must be one of ``response_types`` (R-ORET-2 / R-ORET-2a)."""
     if not 1 + ONION_RETURN_1 < len(datagram) <= ONION_MAX_PACKET_SIZE:
         raise Dropped("onion_reply_bad_length")
     response = datagram[1 + ONION_RETURN_1 :]
-    if response[0] not in (ANNOUNCE_RESPONSE_OLD, ONION_DATA_RESPONSE):
-        raise Dropped("onion_reply_bad_type")  # R-ORET-2 (v0.2.18)
+    if response[0] not in response_types:
+        raise Dropped("onion_reply_bad_type")  # R-ORET-2 / R-ORET-2a
     path = open_return_block(keys, datagram[1 : 1 + ONION_RETURN_1])
     return Reply(path, b"\x09" + response)
 

@@ -1,8 +1,16 @@
-"""Tunable behaviour of the server core: limits and the documented differences
-from tox-bootstrapd 0.2.18 (docs/differences.md). Validation of user input
-lives in ``cluster.config``; this module only holds the values."""
+"""Tunable behaviour of the server core: limits, the reference version followed,
+and the documented differences from tox-bootstrapd (docs/differences.md).
+Validation of user input lives in ``cluster.config``; this module only holds the
+values."""
 
 from dataclasses import dataclass
+
+from relaycore.bootstrap_info import DEFAULT_VERSION, MAX_VERSION
+
+# The reference versions whose wire behaviour a relay can follow where they differ
+# (docs/protocol-changes.md): the newest by default, Debian's for byte-exact
+# comparison with its daemon.
+COMPAT_VERSIONS = ("0.2.23", "0.2.18")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +64,25 @@ class RelayOptions:
     oob_broadcast_rate_per_ip: float = 10.0
     oob_broadcast_burst_per_ip: float = 40.0
     oob_broadcast_rate_per_worker: float = 1000.0
+    # "0.2.18" drops group announce responses (0x88) in onion replies as that
+    # daemon does (R-ORET-2); "0.2.23" passes them like 0x84/0x86 (R-ORET-2a).
+    compat: str = COMPAT_VERSIONS[0]
+    # The answer to UDP bootstrap-info requests (0xF0), which status pages use
+    # as tox-bootstrapd's MOTD: a template (relaycore.bootstrap_info.MOTD_FIELDS);
+    # "" = no answer. info_version: the version number announced with it.
+    motd: str = "Tox relay cluster (TCP relay), up $worker_uptime"
+    info_version: int = DEFAULT_VERSION
+    # Answers per second per worker: an answer is up to 3.3x the request, so this
+    # bounds what spoofed requests can reflect (tox-bootstrapd: no bound). 0 = none.
+    info_rate_per_worker: float = 20.0
     ping_interval: float = 30.0  # R-PING-2
     ping_timeout: float = 10.0  # R-PING-4
 
     def __post_init__(self) -> None:
+        if not 0 <= self.info_version <= MAX_VERSION:
+            raise ValueError("info_version must fit in 32 bits")
+        if self.compat not in COMPAT_VERSIONS:
+            raise ValueError(f"compat must be one of {', '.join(COMPAT_VERSIONS)}")
         # R-ORDER-1 checks "ping due" before "ping timed out": with a timeout
         # that is not shorter than the interval, R-PING-4 could never fire.
         if not 0 < self.ping_timeout < self.ping_interval:

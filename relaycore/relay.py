@@ -38,6 +38,7 @@ from relaycore.onion import (
     MAX_DATAGRAM_SIZE,
     NET_PACKET_FORWARD_REPLY,
     NET_PACKET_ONION_RECV_1,
+    ONION_RESPONSE_TYPES,
     Datagram,
     Dropped,
     OnionSecrets,
@@ -302,6 +303,7 @@ class RelayServer:
         self._return_keys_period = -1
         self._return_keys: list[bytes] = []
         options = self.options
+        self._onion_response_types = ONION_RESPONSE_TYPES[options.compat]
         self._onion_budget = TokenBucket(
             options.onion_rate_per_worker, options.onion_rate_per_worker, 0.0
         )
@@ -822,7 +824,9 @@ class RelayServer:
         kind = data[0] if data else -1
         try:
             if kind == NET_PACKET_ONION_RECV_1:
-                reply = onion_recv_1(data, self._current_return_keys(now))
+                reply = onion_recv_1(
+                    data, self._current_return_keys(now), self._onion_response_types
+                )
             elif kind == NET_PACKET_FORWARD_REPLY:
                 reply = forward_reply(data, self._forward_key, now)
             else:
@@ -854,8 +858,11 @@ class RelayServer:
             self.stats["dropped.reply_stale"] += 1  # it closed or reconnected since
             return
         if self._queue_nonpriority(connection, plain):
-            counter = "onion.replies_delivered" if plain[0] == 9 else "forward.replies_delivered"
-            self.stats[counter] += 1
+            if plain[0] == 9:
+                self.stats["onion.replies_delivered"] += 1
+                self.stats[f"onion.replies_delivered_{plain[1]:#04x}"] += 1  # by response id
+            else:
+                self.stats["forward.replies_delivered"] += 1
 
     def _onion_allowed(self, connection: ServerConnection, now: float) -> bool:
         """The per-client, per-address and per-worker rate limits on types 8

@@ -13,9 +13,10 @@ import logging
 import socket
 from collections.abc import Callable, Iterable
 
+from relaycore.bootstrap_info import format_uptime, info_response, is_info_request, render_motd
 from relaycore.errors import InvariantBroken
 from relaycore.nexthop import NextHopPolicy
-from relaycore.onion import Datagram, OnionSecrets
+from relaycore.onion import Datagram, OnionSecrets, TokenBucket
 from relaycore.options import RelayOptions
 from relaycore.relay import ConnectionRefused, ConnectionState, RelayServer, ServerConnection
 from relaycore.shardlink import EPOCH_RENEW_MARGIN
@@ -99,6 +100,9 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple) -> None:
         shard = self.shard
         try:
+            if data[:1] == b"\xf0":
+                shard.answer_info_request(data, addr)
+                return
             shard.server.receive_datagram(data, shard.loop.time())
             shard.flush()
         except Exception:
@@ -295,6 +299,10 @@ class Shard:
         # Called when the relay table is broken; ends the process by default.
         self.on_broken: Callable[[str], None] = exit_broken
         self.waiting: set[ClientProtocol] = set()  # reading paused for an answer
+        self._started_at = loop.time()
+        self._info_budget = TokenBucket(
+            options.info_rate_per_worker, max(1.0, options.info_rate_per_worker), 0.0
+        )
 
     async def serve(
         self,
@@ -380,6 +388,35 @@ class Shard:
             self.server.check_invariants()
         except InvariantBroken as broken:
             self.on_broken(str(broken))
+
+    def answer_info_request(self, request: bytes, addr: tuple) -> None:
+        """A bootstrap-info request (0xF0): version and MOTD back to the sender,
+        as tox-bootstrapd answers status pages (relaycore.bootstrap_info)."""
+        stats = self.server.stats
+        transport = self._udp
+        options = self.options
+        if not options.motd or transport is None or not is_info_request(request):
+            stats["udp.ignored"] += 1  # off, or not 78 bytes: the reference ignores it too
+            return
+        now = self.loop.time()
+        if not self._info_budget.take(now):
+            stats["dropped.info_rate"] += 1
+            return
+        if transport.get_write_buffer_size() > UDP_BACKLOG_LIMIT:
+            stats["dropped.udp_backlog"] += 1
+            return
+        values = {
+            "worker_uptime": format_uptime(now - self._started_at),
+            "worker_connections": self.server.connection_count,
+            "worker_relayed": stats["relayed"],
+        }
+        answer = info_response(options.info_version, render_motd(options.motd, values))
+        try:
+            transport.sendto(answer, addr)
+        except OSError:
+            stats["udp.errors"] += 1
+        else:
+            stats["udp.info_answered"] += 1
 
     def _send_datagrams(self, datagrams: list[Datagram]) -> None:
         stats = self.server.stats

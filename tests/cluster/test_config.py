@@ -61,6 +61,12 @@ def write(tmp_path: Path, text: str) -> Path:
         ("output_soft_limit = 100", "output_soft_limit: 100 is out of range"),
         ("output_hard_limit = 4096", "output_hard_limit: 4096 is below output_soft_limit"),
         ("max_conections = 3", "max_conections: unknown configuration key"),
+        ('compat = "0.2.20"', "compat: '0.2.20' is not one of '0.2.23', '0.2.18'"),
+        ("compat = 0.218", "compat: 0.218 is not one of"),
+        ("motd = 5", "motd: expected a string"),
+        ('motd = "a\\u0000b"', "motd: must not contain a NUL"),
+        ("info_version = 4294967296", "info_version: 4294967296 is out of range"),
+        ("info_rate_per_worker = -1", "info_rate_per_worker: -1 is out of range"),
     ],
 )
 def test_bad_value_names_the_key(tmp_path: Path, line: str, message: str) -> None:
@@ -127,3 +133,10 @@ def test_relay_options_carry_the_limits(tmp_path: Path) -> None:
     options = load_config(path, {}).relay_options()
     assert options.max_connections_per_ip == 7
     assert options.handshake_timeout == 2.5
+
+
+def test_compat_reaches_the_relay_options(tmp_path: Path) -> None:
+    """Default: the newest reference (R-ORET-2a); "0.2.18" for Debian's daemon."""
+    assert load_config(None, {}).relay_options().compat == "0.2.23"
+    options = load_config(write(tmp_path, 'compat = "0.2.18"\n'), {}).relay_options()
+    assert options.compat == "0.2.18"

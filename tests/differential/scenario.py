@@ -115,6 +115,11 @@ def data(connection_id: int, payload: bytes) -> Event:
     return ("data", connection_id, Blob(payload))
 
 
+def onion(response: bytes) -> Event:
+    """ONION_RESPONSE ``09 response`` (onion-over-tcp.md R-ORET-6)."""
+    return ("onion", Blob(response))
+
+
 # ---------------------------------------------------------------------------
 # Records
 # ---------------------------------------------------------------------------
@@ -455,7 +460,7 @@ class Recorder:
             case RoutedData(connection_id, payload):
                 return data(connection_id, payload)
             case OnionResponse(payload):
-                return ("onion", Blob(payload))
+                return onion(payload)
             case Forwarding(payload):
                 return ("forwarding", Blob(payload))
         return ("other", repr(packet))

@@ -141,12 +141,18 @@ def percentile(values: Sequence[float], pct: float) -> float:
     return ordered[int(rank) - 1]
 
 
-class _Peer:
+class Peer:
     """One client and what its callbacks saw."""
 
-    def __init__(self, name: str, relay: RelayEndpoint, dht_nodes: Sequence[DhtNode]) -> None:
+    def __init__(
+        self,
+        name: str,
+        relay: RelayEndpoint,
+        dht_nodes: Sequence[DhtNode],
+        client: ToxClient | None = None,
+    ) -> None:
         self.name = name
-        self.client = ToxClient()
+        self.client = client or ToxClient()
         self.client.add_tcp_relay(relay.host, relay.port, relay.public_key)
         for node in dht_nodes:
             self.client.bootstrap(node.host, node.port, node.public_key)
@@ -217,10 +223,10 @@ class _Peer:
         self.incoming_received += len(data)
 
 
-class _Driver:
+class Driver:
     """Iterates both clients in the calling thread until a condition holds."""
 
-    def __init__(self, peers: Sequence[_Peer], deadline: float) -> None:
+    def __init__(self, peers: Sequence[Peer], deadline: float) -> None:
         self.peers = list(peers)
         self.deadline = deadline  # time.monotonic() by which the whole scenario must end
         self._fds: list[int] = []
@@ -265,18 +271,18 @@ def run_friends_scenario(
     :class:`ScenarioError` with the clients' log tail when a step fails."""
     config = config or ScenarioConfig()
     relay_ports = {relay_a.port, relay_b.port}
-    udp_before = _own_udp_inodes()
+    udp_before = own_udp_inodes()
     # Sockets that other code of this process (earlier tests) still holds are
     # not the clients': only what is opened from here on is judged.
     tcp_before = set(own_socket_fds())
-    peers: list[_Peer] = []
+    peers: list[Peer] = []
     try:
         started = time.monotonic()
-        a = _Peer("A", relay_a, dht_nodes)
+        a = Peer("A", relay_a, dht_nodes)
         peers.append(a)
-        b = _Peer("B", relay_b, dht_nodes)
+        b = Peer("B", relay_b, dht_nodes)
         peers.append(b)
-        driver = _Driver(peers, started + config.total_timeout_s)
+        driver = Driver(peers, started + config.total_timeout_s)
 
         def accept(public_key: bytes, message: bytes) -> None:
             b.requests.append((public_key, message, time.monotonic()))
@@ -310,11 +316,11 @@ def run_friends_scenario(
         assert a.friend_status_at is not None and b.friend_status_at is not None
         connected_at = max(a.friend_status_at, b.friend_status_at)
 
-        _exchange_messages(driver, a, b, config)
+        exchange_messages(driver, a, b, config)
         rtts = _measure_rtts(driver, a, b, config)
         file_s = _send_file(driver, a, b, config)
-        sockets = _socket_reports(exclude=tcp_before)
-        new_udp = len(_own_udp_inodes() - udp_before)
+        sockets = socket_reports(exclude=tcp_before)
+        new_udp = len(own_udp_inodes() - udp_before)
         result = FriendsResult(
             self_connected_s=self_connected_at - started,
             friend_request_s=request_at - started,
@@ -326,18 +332,18 @@ def run_friends_scenario(
             file_s=file_s,
             sockets=sockets,
             new_udp_sockets=new_udp,
-            log_tail=_log_tail(peers),
+            log_tail=log_tail(peers),
         )
         _check_no_other_path(result, relay_ports, config.file_size)
         return result
     except ScenarioError as exc:
-        raise ScenarioError(f"{exc}\n" + "\n".join(_log_tail(peers))) from None
+        raise ScenarioError(f"{exc}\n" + "\n".join(log_tail(peers))) from None
     finally:
         for peer in peers:
             peer.client.kill()
 
 
-def _exchange_messages(driver: _Driver, a: _Peer, b: _Peer, config: ScenarioConfig) -> None:
+def exchange_messages(driver: Driver, a: Peer, b: Peer, config: ScenarioConfig) -> None:
     assert a.friend is not None and b.friend is not None
     for sender, receiver in ((a, b), (b, a)):
         assert sender.friend is not None
@@ -360,7 +366,7 @@ def _exchange_messages(driver: _Driver, a: _Peer, b: _Peer, config: ScenarioConf
             raise ScenarioError(f"messages {sender.name}->{receiver.name}: {got!r} != {expected!r}")
 
 
-def _measure_rtts(driver: _Driver, a: _Peer, b: _Peer, config: ScenarioConfig) -> list[float]:
+def _measure_rtts(driver: Driver, a: Peer, b: Peer, config: ScenarioConfig) -> list[float]:
     assert a.friend is not None
     b.echo = True
     rtts = []
@@ -380,7 +386,7 @@ def _measure_rtts(driver: _Driver, a: _Peer, b: _Peer, config: ScenarioConfig) -
     return rtts
 
 
-def _send_file(driver: _Driver, a: _Peer, b: _Peer, config: ScenarioConfig) -> float:
+def _send_file(driver: Driver, a: Peer, b: Peer, config: ScenarioConfig) -> float:
     assert a.friend is not None
     a.outgoing_file = os.urandom(config.file_size)
     sent_at = time.perf_counter()
@@ -430,7 +436,7 @@ def _check_no_other_path(result: FriendsResult, relay_ports: set[int], file_size
         raise ScenarioError("; ".join(problems))
 
 
-def _log_tail(peers: Sequence[_Peer], lines: int = 15) -> list[str]:
+def log_tail(peers: Sequence[Peer], lines: int = 15) -> list[str]:
     tail = []
     for peer in peers:
         tail += [f"[{peer.name}] {line}" for line in peer.client.log_lines()[-lines:]]
@@ -456,7 +462,7 @@ def _own_tcp_fds() -> list[int]:
     ]
 
 
-def _own_udp_inodes() -> set[int]:
+def own_udp_inodes() -> set[int]:
     fds = own_socket_fds()
     return {
         int(cols[9])
@@ -469,7 +475,7 @@ def _own_udp_inodes() -> set[int]:
 _TCP_STATE_NAMES = {"01": "ESTABLISHED", "02": "SYN_SENT", "06": "TIME_WAIT", "0A": "LISTEN"}
 
 
-def _socket_reports(exclude: set[int] = frozenset()) -> list[SocketReport]:  # type: ignore[assignment]
+def socket_reports(exclude: set[int] = frozenset()) -> list[SocketReport]:  # type: ignore[assignment]
     """Every TCP socket (IPv4 and IPv6) this process owns, with TCP_INFO byte
     counts, except those whose inode is in ``exclude``."""
     fds = {inode: fd for inode, fd in own_socket_fds().items() if inode not in exclude}

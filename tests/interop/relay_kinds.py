@@ -5,7 +5,9 @@ Used by ``tests/interop/test_friends_end_to_end.py`` and ``ops/bench/friends_com
 * ``bootstrapd`` -- Debian's tox-bootstrapd 0.2.18 with its TCP relay on and no
   bootstrap nodes (not part of any DHT; its UDP port still sends and receives the
   onion packets of its TCP clients).
-* ``bootstrapd-2ports`` -- the same listening on two TCP ports, client A on the first,
+* ``bootstrapd-0.2.23`` -- tox-bootstrapd 0.2.23 built from ``../shared/vendor``
+  (``tests/support/toxcore0223.py``), the newest reference, configured alike.
+* ``bootstrapd-2ports`` -- Debian's daemon listening on two TCP ports, client A on the first,
   B on the second: one relay key at two addresses, as ``ours-2w-cross`` presents it.
 * ``ours-1w`` -- ``cluster start --workers 1``.
 * ``ours-2w`` -- ``--workers 2``, both clients on the shared port (the kernel picks
@@ -23,10 +25,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.interop.friends import RelayEndpoint
-from tests.support.bootstrapd import start_bootstrapd
+from tests.support.bootstrapd import BOOTSTRAPD_PATH, start_bootstrapd
 from tests.support.relay_process import RelayProcess, start_relay
+from tests.support.toxcore0223 import toxcore_0223, toxcore_0223_error
 
-RELAY_KINDS = ("bootstrapd", "bootstrapd-2ports", "ours-1w", "ours-2w", "ours-2w-cross")
+RELAY_KINDS = (
+    "bootstrapd",
+    "bootstrapd-0.2.23",
+    "bootstrapd-2ports",
+    "ours-1w",
+    "ours-2w",
+    "ours-2w-cross",
+)
 
 _SHARD_RE = re.compile(
     r"^Shard (?P<shard>\d+) \(worker (?P<worker>\d+)\) pid \d+ "
@@ -55,7 +65,15 @@ def start_relay_under_test(kind: str, workdir: Path) -> RelayUnderTest:
     if kind not in RELAY_KINDS:
         raise ValueError(f"unknown relay kind {kind!r}; one of {RELAY_KINDS}")
     if kind.startswith("bootstrapd"):
-        daemon = start_bootstrapd(workdir / kind, tcp_ports=2 if kind == "bootstrapd-2ports" else 1)
+        binary = BOOTSTRAPD_PATH
+        if kind == "bootstrapd-0.2.23":
+            built = toxcore_0223()
+            if built is None:
+                raise RuntimeError(toxcore_0223_error())
+            binary = built.bootstrapd
+        daemon = start_bootstrapd(
+            workdir / kind, tcp_ports=2 if kind == "bootstrapd-2ports" else 1, binary=binary
+        )
         port_a, port_b = daemon.ports[0], daemon.ports[-1]
         return RelayUnderTest(
             kind,

@@ -1,4 +1,6 @@
-"""A minimal ctypes binding to Debian's libtoxcore 0.2.18 (public ``tox.h`` API only).
+"""A minimal ctypes binding to libtoxcore (public ``tox.h`` API only): Debian's 0.2.18
+by default, or another build loaded by its full path (``load_toxcore(path)``; the group
+chat calls of 0.2.19+ are in :mod:`tests.interop.toxgroups`).
 
 Just enough to run real toxcore clients that talk through one TCP relay: options with
 UDP, LAN discovery, IPv6 and the client's own TCP relay server switched off,
@@ -13,6 +15,7 @@ No C compiler is needed: the library is loaded with :func:`ctypes.CDLL`.
 Public API:
 
 * :func:`load_toxcore` - the loaded library, or ``None`` when it is not installed.
+* :func:`library_version` - ``(major, minor, patch)`` of a loaded library.
 * :class:`ToxClient` - one ``Tox`` instance; not thread-safe, use it from one thread.
   Its ``on_*`` attributes receive toxcore's callbacks (set them before iterating).
 * :class:`ToxLoop` - a :class:`ToxClient` created, iterated and killed in a worker thread
@@ -138,6 +141,9 @@ FILE_RECV_CHUNK_CALLBACK = ctypes.CFUNCTYPE(
 )
 
 _SIGNATURES: dict[str, tuple[object, list[object]]] = {
+    "tox_version_major": (ctypes.c_uint32, []),
+    "tox_version_minor": (ctypes.c_uint32, []),
+    "tox_version_patch": (ctypes.c_uint32, []),
     "tox_options_new": (_c_options_p, [_c_int_p]),
     "tox_options_free": (None, [_c_options_p]),
     "tox_options_set_ipv6_enabled": (None, [_c_options_p, ctypes.c_bool]),
@@ -214,21 +220,24 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "tox_callback_file_recv_chunk": (None, [_c_tox_p, FILE_RECV_CHUNK_CALLBACK]),
 }
 
-_library: ctypes.CDLL | None = None
-_library_error: str | None = None
+# Loaded libraries by what was asked for (None = the installed one), and why not.
+_libraries: dict[str | None, ctypes.CDLL] = {}
+_library_errors: dict[str | None, str] = {}
 
 
-def load_toxcore() -> ctypes.CDLL | None:
-    """Load ``libtoxcore.so.2`` once and declare the signatures used here.
+def load_toxcore(path: str | None = None) -> ctypes.CDLL | None:
+    """Load libtoxcore once and declare the signatures used here.
 
-    Returns ``None`` when the library (package ``libtoxcore2``) is not installed;
-    :func:`toxcore_error` then says why.
+    ``path`` None: the installed ``libtoxcore.so.2`` (Debian's 0.2.18). A full path
+    loads that file instead (e.g. a c-toxcore 0.2.23 build: the same soname, so it is
+    never looked up by name; ``ctypes`` loads it with ``RTLD_LOCAL``, so two versions
+    can live in one process); check :func:`library_version` of the result.
+    Returns ``None`` when it cannot be loaded; :func:`toxcore_error` then says why.
     """
-    global _library, _library_error
-    if _library is not None or _library_error is not None:
-        return _library
-    candidates = [LIBRARY_NAME]
-    found = ctypes.util.find_library("toxcore")
+    if path in _libraries or path in _library_errors:
+        return _libraries.get(path)
+    candidates = [path] if path is not None else [LIBRARY_NAME]
+    found = ctypes.util.find_library("toxcore") if path is None else None
     if found and found not in candidates:
         candidates.append(found)
     errors = []
@@ -246,16 +255,21 @@ def load_toxcore() -> ctypes.CDLL | None:
         except AttributeError as exc:
             errors.append(f"{name}: {exc}")
             continue
-        _library = lib
+        _libraries[path] = lib
         return lib
-    _library_error = "; ".join(errors) or f"{LIBRARY_NAME} not found"
+    _library_errors[path] = "; ".join(errors) or f"{LIBRARY_NAME} not found"
     return None
 
 
-def toxcore_error() -> str:
+def toxcore_error(path: str | None = None) -> str:
     """Why :func:`load_toxcore` returned ``None`` (empty when it did not)."""
-    load_toxcore()
-    return _library_error or ""
+    load_toxcore(path)
+    return _library_errors.get(path, "")
+
+
+def library_version(lib: ctypes.CDLL) -> tuple[int, int, int]:
+    """``tox_version_major/minor/patch()`` of a loaded library."""
+    return (lib.tox_version_major(), lib.tox_version_minor(), lib.tox_version_patch())
 
 
 @dataclass(frozen=True)
@@ -277,10 +291,11 @@ class ToxError(RuntimeError):
 class ToxClient:
     """One ``Tox`` instance restricted to TCP: no UDP, no LAN discovery, IPv4 only,
     no own TCP server (``tcp_port`` 0). Every method must be called from the
-    thread that created it (toxcore instances are not thread-safe)."""
+    thread that created it (toxcore instances are not thread-safe). ``library``: a
+    library from :func:`load_toxcore` (default: the installed one)."""
 
-    def __init__(self) -> None:
-        lib = load_toxcore()
+    def __init__(self, library: ctypes.CDLL | None = None) -> None:
+        lib = library or load_toxcore()
         if lib is None:
             raise ToxError(toxcore_error())
         self._lib = lib

@@ -187,14 +187,52 @@ def test_r_oret_round_trip_reaches_the_asking_connection_only(net: Network) -> N
     assert a.take() == [OnionResponse(b"\x86hello")]
 
 
-@pytest.mark.parametrize("response_id", [0x83, 0x85, 0x87, 0x88, 0x00])
-def test_r_oret_2_only_0x84_and_0x86_delivered(net: Network, response_id: int) -> None:
+@pytest.mark.parametrize("compat", ["0.2.18", "0.2.23"])
+@pytest.mark.parametrize("response_id", [0x83, 0x85, 0x87, 0x00, 0x8E, 0xFF])
+def test_r_oret_2_other_ids_dropped(compat: str, response_id: int) -> None:
+    net = Network(RelayOptions(compat=compat), onion_secrets=SECRETS, now=1000.0)
     a = net.connect("a")
     net.send_plain("a", onion_plain(300))
     [datagram] = net.server.take_datagrams()
     net.receive_datagram(reply_to(datagram, bytes((response_id,)) + b"x" * 10))
     assert a.received == []
     assert net.server.stats["dropped.onion_reply_bad_type"] == 1
+
+
+def test_r_oret_2_compat_0_2_18_drops_group_announce_responses() -> None:
+    """Debian's 0.2.18 daemon delivers only 0x84/0x86 [obs: 0x88 dropped]."""
+    net = Network(RelayOptions(compat="0.2.18"), onion_secrets=SECRETS, now=1000.0)
+    a = net.connect("a")
+    net.send_plain("a", onion_plain(300))
+    [datagram] = net.server.take_datagrams()
+    net.receive_datagram(reply_to(datagram, b"\x88" + b"x" * 10))
+    assert a.received == []
+    assert net.server.stats["dropped.onion_reply_bad_type"] == 1
+    net.receive_datagram(reply_to(datagram, b"\x84" + b"y" * 10))
+    assert a.take() == [OnionResponse(b"\x84" + b"y" * 10)]
+
+
+@pytest.mark.parametrize("response_id", [0x84, 0x86, 0x88])
+def test_r_oret_2a_default_delivers_group_announce_responses(
+    net: Network, response_id: int
+) -> None:
+    """c-toxcore >= 0.2.19 (onion.c handle_recv_1) also passes 0x88: the group
+    announce response without which a TCP-only client cannot join a public group."""
+    a = net.connect("a")
+    net.send_plain("a", onion_plain(300))
+    [datagram] = net.server.take_datagrams()
+    response = bytes((response_id,)) + bytes(range(200))
+    net.receive_datagram(reply_to(datagram, response))
+    assert a.take() == [OnionResponse(response)]
+    stats = net.server.stats
+    assert stats["dropped.onion_reply_bad_type"] == 0
+    assert stats["onion.replies_delivered"] == 1
+    assert stats[f"onion.replies_delivered_{response_id:#04x}"] == 1
+
+
+def test_compat_must_name_a_known_reference() -> None:
+    with pytest.raises(ValueError, match="compat"):
+        RelayOptions(compat="0.2.20")
 
 
 @pytest.mark.parametrize("total", [1, 60, 1401])

@@ -132,6 +132,8 @@ def start_bootstrapd(
     tcp_relay: bool = True,
     bootstrap_nodes: Sequence[DhtNode] = (),
     tcp_ports: int = 1,
+    binary: str = BOOTSTRAPD_PATH,
+    motd: str | None = None,
 ) -> ReferenceRelay:
     """Start ``tox-bootstrapd`` in ``workdir`` (created if missing) on free loopback ports.
 
@@ -140,13 +142,16 @@ def start_bootstrapd(
     ``tcp_relay=False`` starts a DHT node without a TCP relay (``port`` is then 0);
     ``bootstrap_nodes`` are the DHT nodes it joins at start (none: its DHT stays
     idle, but its UDP port still serves onion hops and forwarding). ``tcp_ports`` > 1
-    makes the relay listen on that many ports (``ports``; one key, one relay). Each failed
+    makes the relay listen on that many ports (``ports``; one key, one relay). ``binary``
+    is the daemon to run (Debian's 0.2.18 by default; ``tests/support/toxcore0223.py``
+    builds 0.2.23, which reads the same configuration). ``motd`` switches on its answer
+    to bootstrap-info requests (0xF0) with that message. Each failed
     attempt (process exit, "Couldn't initialize", or no readiness within ~5 s) is
     killed by PID and retried with new ports; after ``attempts`` failures a
     ``RuntimeError`` carrying the daemon's stdout/stderr is raised.
     """
-    if not bootstrapd_available():
-        raise RuntimeError(f"{BOOTSTRAPD_PATH} not found (apt-get install toxcore-utils)")
+    if not os.access(binary, os.X_OK):
+        raise RuntimeError(f"{binary} not found (apt-get install toxcore-utils)")
     if attempts < 1:
         raise ValueError("attempts must be >= 1")
     if secret_key is None:
@@ -162,8 +167,10 @@ def start_bootstrapd(
     failures: list[str] = []
     for attempt in range(1, attempts + 1):
         tcp_port_list, udp_port = _pick_ports(tcp_ports if tcp_relay else 0)
-        (workdir / CONF_NAME).write_text(_config_text(udp_port, tcp_port_list, bootstrap_nodes))
-        relay, error = _try_start(workdir, tcp_port_list, public_key, secret_key)
+        (workdir / CONF_NAME).write_text(
+            _config_text(udp_port, tcp_port_list, bootstrap_nodes, motd)
+        )
+        relay, error = _try_start(binary, workdir, tcp_port_list, public_key, secret_key)
         if relay is not None:
             return relay
         failures.append(f"--- attempt {attempt} (tcp {tcp_port_list}, udp {udp_port}): {error}")
@@ -201,7 +208,10 @@ def _in_ci() -> bool:
 
 
 def _config_text(
-    udp_port: int, tcp_ports: Sequence[int], bootstrap_nodes: Sequence[DhtNode] = ()
+    udp_port: int,
+    tcp_ports: Sequence[int],
+    bootstrap_nodes: Sequence[DhtNode] = (),
+    motd: str | None = None,
 ) -> str:
     """libconfig text; no ``tcp_ports`` switches the TCP relay off."""
     port_list = ", ".join(str(port) for port in tcp_ports)
@@ -221,8 +231,8 @@ def _config_text(
         "enable_ipv4_fallback = false\n"
         "enable_lan_discovery = false\n"
         f"{tcp}"
-        "enable_motd = false\n"
-        f"bootstrap_nodes = ({nodes and chr(10) + nodes + chr(10)})\n"
+        + ("enable_motd = false\n" if motd is None else f'enable_motd = true\nmotd = "{motd}"\n')
+        + f"bootstrap_nodes = ({nodes and chr(10) + nodes + chr(10)})\n"
     )
 
 
@@ -360,14 +370,14 @@ def _udp_port_of(pid: int) -> int | None:
 
 
 def _try_start(
-    workdir: Path, tcp_ports: list[int], public_key: bytes, secret_key: bytes
+    binary: str, workdir: Path, tcp_ports: list[int], public_key: bytes, secret_key: bytes
 ) -> tuple[ReferenceRelay | None, str]:
     """One start attempt; returns (relay, "") or (None, reason-with-logs)."""
     out_path, err_path = workdir / STDOUT_NAME, workdir / STDERR_NAME
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         proc = subprocess.Popen(
             [
-                BOOTSTRAPD_PATH,
+                binary,
                 f"--config={CONF_NAME}",
                 "--foreground",
                 "--log-backend=stdout",

@@ -59,16 +59,23 @@ class PrivateDht:
 
 
 def start_private_dht(
-    workdir: Path, count: int = DHT_SIZE, join_timeout: float = JOIN_TIMEOUT_S
+    workdir: Path,
+    count: int = DHT_SIZE,
+    join_timeout: float = JOIN_TIMEOUT_S,
+    binary: str = BOOTSTRAPD_PATH,
 ) -> PrivateDht:
-    """Start ``count`` DHT nodes in ``workdir/node-<i>`` and wait until each has
-    joined (raises ``RuntimeError`` with the logs otherwise; nothing is left running)."""
+    """Start ``count`` DHT nodes (``binary``: Debian's 0.2.18 daemon by default) in
+    ``workdir/node-<i>`` and wait until each has joined (raises ``RuntimeError`` with
+    the logs otherwise; nothing is left running)."""
     dht = PrivateDht([])
     try:
         for index in range(count):
             dht.daemons.append(
                 start_bootstrapd(
-                    Path(workdir) / f"node-{index}", tcp_relay=False, bootstrap_nodes=dht.nodes
+                    Path(workdir) / f"node-{index}",
+                    tcp_relay=False,
+                    bootstrap_nodes=dht.nodes,
+                    binary=binary,
                 )
             )
         deadline = time.monotonic() + join_timeout

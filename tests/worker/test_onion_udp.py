@@ -202,3 +202,71 @@ async def _loopback_and_own_udp_port_are_refused_next_hops() -> None:
     assert hop.received.empty()
     assert hop.transport is not None
     hop.transport.close()
+
+
+# ----------------------------------------------------------------------
+# Bootstrap info (0xF0) for status pages
+# ----------------------------------------------------------------------
+
+
+async def udp_client() -> tuple[NextHop, asyncio.DatagramTransport]:
+    hop, _ = await next_hop()
+    assert hop.transport is not None
+    return hop, hop.transport
+
+
+def test_bootstrap_info_request_is_answered_with_version_and_motd() -> None:
+    run(_bootstrap_info_request_is_answered_with_version_and_motd())
+
+
+async def _bootstrap_info_request_is_answered_with_version_and_motd() -> None:
+    options = RelayOptions(motd="$worker_connections connections", info_version=1_000_002_023)
+    async with live_relay(options) as relay:
+        client = await relay.client()
+        asker, transport = await udp_client()
+        transport.sendto(b"\xf0" + bytes(76), (HOST, relay.udp_port))  # 77 bytes: ignored
+        transport.sendto(b"\xf0" + bytes(77), (HOST, relay.udp_port))
+        answer, source = await asyncio.wait_for(asker.received.get(), 5)
+        assert source == (HOST, relay.udp_port)
+        assert answer == b"\xf0" + (1_000_002_023).to_bytes(4, "big") + b"1 connections\x00"
+        stats = relay.shard.server.stats
+        assert stats["udp.info_answered"] == 1 and stats["udp.ignored"] == 1
+        assert asker.received.empty()
+        await client.close()
+        transport.close()
+
+
+def test_bootstrap_info_answers_are_rate_limited() -> None:
+    """Attack: forged 78-byte requests make the relay send up to 3.3x as many bytes to
+    the forged source. At most the burst plus rate x time is answered, the rest is
+    dropped and counted."""
+    run(_bootstrap_info_answers_are_rate_limited())
+
+
+async def _bootstrap_info_answers_are_rate_limited() -> None:
+    options = RelayOptions(motd="m" * 255, info_rate_per_worker=5.0)
+    async with live_relay(options) as relay:
+        asker, transport = await udp_client()
+        for _ in range(200):
+            transport.sendto(b"\xf0" + bytes(77), (HOST, relay.udp_port))
+        stats = relay.shard.server.stats
+        await wait_for(lambda: stats["udp.info_answered"] + stats["dropped.info_rate"] == 200)
+        assert stats["udp.info_answered"] <= 6, stats  # burst 5 (+1 refilled meanwhile)
+        assert stats["dropped.info_rate"] >= 194
+        await asyncio.sleep(0.05)
+        assert asker.received.qsize() == stats["udp.info_answered"]
+        transport.close()
+
+
+def test_no_motd_no_answer() -> None:
+    run(_no_motd_no_answer())
+
+
+async def _no_motd_no_answer() -> None:
+    async with live_relay(RelayOptions(motd="")) as relay:
+        asker, transport = await udp_client()
+        transport.sendto(b"\xf0" + bytes(77), (HOST, relay.udp_port))
+        stats = relay.shard.server.stats
+        await wait_for(lambda: stats["udp.ignored"] == 1)
+        assert asker.received.empty() and stats["udp.info_answered"] == 0
+        transport.close()
