@@ -14,6 +14,7 @@ import asyncio
 import errno
 
 from cluster.client import ConnectionClosed, RelayClient
+from cluster.loadtest.identity import Identity, LoadCore
 from relaycore.packets import (
     ConnectNotification,
     DisconnectNotification,
@@ -63,7 +64,7 @@ async def open_client(
     address: str,
     port: int,
     server_public_key: bytes,
-    secret_key: bytes,
+    identity: Identity,
     source_address: str | None,
     timeout: float,
 ) -> LoadClient:
@@ -72,9 +73,9 @@ async def open_client(
         address,
         port,
         server_public_key,
-        secret_key=secret_key,
         local_addr=(source_address, 0) if source_address else None,
         timeout=timeout,
+        core=LoadCore(identity, server_public_key),
     )
     assert isinstance(client, LoadClient)
     return client

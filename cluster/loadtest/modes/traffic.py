@@ -24,6 +24,7 @@ from cluster.loadtest.clients import (
     failure_cause,
     link,
 )
+from cluster.loadtest.identity import Identity
 from cluster.loadtest.modes.base import ModeRunner, in_lanes, sleep_until
 from cluster.loadtest.payload import (
     HEADER,
@@ -161,8 +162,7 @@ class TrafficRunner(ModeRunner):
     # -- setup ---------------------------------------------------------------
 
     async def setup(self) -> None:
-        random = self.random
-        keys = [(random.secret_key(), random.secret_key()) for _ in range(self.spec.units)]
+        keys = [(self.identity(), self.identity()) for _ in range(self.spec.units)]
 
         async def open_pair(i: int) -> None:
             await self._open_pair(2 * i, *keys[i])
@@ -170,9 +170,11 @@ class TrafficRunner(ModeRunner):
         await in_lanes(len(keys), self.spec.concurrency, open_pair)
         self.result.counts["pairs"] = self.ready_units
 
-    async def _open_pair(self, n: int, a_key: bytes, b_key: bytes) -> None:
+    async def _open_pair(self, n: int, a_key: Identity, b_key: Identity) -> None:
         opened = await asyncio.gather(
-            self.connect(a_key, n), self.connect(b_key, n + 1), return_exceptions=True
+            self.connect(a_key, n),
+            self.connect(b_key, n + 1, self.options.partner_port),
+            return_exceptions=True,
         )
         clients = [c for c in opened if isinstance(c, LoadClient)]
         failures = [e for e in opened if not isinstance(e, LoadClient)]
