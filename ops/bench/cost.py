@@ -12,7 +12,9 @@ a UDP address (``onion``, ``ops.bench.onion_load``; the cluster runs with its on
 rate limits off, as tox-bootstrapd has none).
 
 Targets: ``ours-1w`` (``cluster start --workers 1``), ``ours-2w`` (2 workers,
-``--shard-ports``, for ``frame-cross`` only) and ``bootstrapd`` (Debian's
+``--shard-ports``: ``frame-cross``, and ``connection`` with every client on the first
+shard, so the other worker's CPU -- kind ``peer worker`` -- is what one replica's
+update costs per handshake) and ``bootstrapd`` (Debian's
 tox-bootstrapd 0.2.18), each started once, fresh, per repetition
 (``ops/bench/targets.py``).
 
@@ -57,6 +59,7 @@ from ops.bench.targets import (
 )
 
 CLUSTER_KINDS = ("worker", "coordinator", "supervisor")
+PEER_WORKER = "peer worker"  # ours-2w: the worker(s) of the other shard(s)
 BOOTSTRAPD_KIND = "tox-bootstrapd"
 GENERATOR = "generator"
 LONG_FACTOR = 3  # the long run does this many times the short run's work
@@ -79,7 +82,7 @@ class Size:
     processes: int = 2  # generator processes
 
 
-FULL = Size(seconds=1.5, connections=400, requests=8000)
+FULL = Size(seconds=1.5, connections=600, requests=10000)
 QUICK = Size(seconds=0.5, connections=150, requests=3000)
 
 
@@ -116,6 +119,9 @@ def _traffic(mode: str, cross: bool) -> Callable[[Target, Size, int], list[str]]
 
 def _handshakes(target: Target, size: Size, factor: int) -> list[str]:
     extra = ["-C", str(size.connections * factor), "-K", str(size.concurrency)]
+    if target.shard_ports:  # every connection on the first shard; the other only replicates
+        target = Target(target.name, target.shard_ports[0], target.public_key, target.pid,
+                        target.workdir)  # fmt: skip
     return _loadtest("handshake", target, extra, size)
 
 
@@ -136,8 +142,8 @@ PHASES = (
     Phase("frame-cross", "relayed frame, cross shard", ("ours-2w",),
           _traffic("throughput", cross=True), _frames),
     Phase("oob", "OOB frame", ("ours-1w", "bootstrapd"), _traffic("oob", cross=False), _frames),
-    Phase("connection", "connection lifecycle", ("ours-1w", "bootstrapd"), _handshakes,
-          lambda report: int(report["results"]["handshakes"])),
+    Phase("connection", "connection lifecycle", ("ours-1w", "ours-2w", "bootstrapd"),
+          _handshakes, lambda report: int(report["results"]["handshakes"])),
     Phase("onion", "onion request", ("ours-1w", "bootstrapd"), _onion,
           lambda report: int(report["delivered"])),
 )  # fmt: skip
@@ -171,9 +177,14 @@ class Cost:
 
 
 def kind_of(target: Target) -> Callable[[int, list[str]], str]:
+    """Process kinds; with shard ports, workers other than the first shard's are
+    ``PEER_WORKER`` (the one the generator's clients -- or first clients -- reach
+    is ``worker``), so a replica's share of a handshake is seen on its own."""
     if target.name == "bootstrapd":
         return lambda pid, argv: BOOTSTRAPD_KIND
-    return proctree.cluster_kind(target.pid)
+    cluster = proctree.cluster_kind(target.pid)
+    peers = set(target.shard_pids[1:])
+    return lambda pid, argv: PEER_WORKER if pid in peers else cluster(pid, argv)
 
 
 def _children_cpu_s() -> float:
@@ -301,20 +312,25 @@ def _us(value: float | None) -> str:
 def render_table(rows: list[dict[str, Any]]) -> str:
     unit_of = {phase.name: phase.unit for phase in PHASES}
     lines = [
-        "| unit | target | relay total µs | worker | coordinator | supervisor "
-        "| generator µs | generator / relay | runs (min-max total) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| unit | target | relay total µs | workers | of which other shard | coordinator "
+        "| supervisor | generator µs | generator / relay | runs (min-max total) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         kinds = row["by_kind_us"]
         generator = kinds.get(GENERATOR)
         relay = row["relay_us"]
         is_reference = row["target"] == "bootstrapd"
-        worker = kinds.get(BOOTSTRAPD_KIND) if is_reference else kinds.get("worker")
+        worker = (
+            kinds.get(BOOTSTRAPD_KIND)
+            if is_reference
+            else kinds.get("worker", 0.0) + kinds.get(PEER_WORKER, 0.0)
+        )
         ratio = f"{generator / relay:.2f}" if generator is not None and relay > 0 else "-"
         lines.append(
             f"| {unit_of[row['phase']]} | {row['target']} | **{_us(relay)}** "
-            f"| {_us(worker)} | {'-' if is_reference else _us(kinds.get('coordinator'))} "
+            f"| {_us(worker)} | {_us(kinds.get(PEER_WORKER))} "
+            f"| {'-' if is_reference else _us(kinds.get('coordinator'))} "
             f"| {'-' if is_reference else _us(kinds.get('supervisor'))} | {_us(generator)} "
             f"| {ratio} | {row['repetitions']} ({_us(row['relay_us_min'])}-"
             f"{_us(row['relay_us_max'])}) |"
@@ -333,8 +349,11 @@ def render_section(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "CPU time per unit of work, in microseconds, summed over every process of the relay "
         "(ours: supervisor, coordinator, workers; tox-bootstrapd: its one process), read from "
         "`/proc/<pid>/stat` before and after a short and a 3x longer run of each phase: "
-        "cost = Δ CPU / Δ units, so start-up and idle time cancel. *worker* is tox-bootstrapd "
-        "itself on its rows. *generator* is the load generator (`cluster loadtest`, "
+        "cost = Δ CPU / Δ units, so start-up and idle time cancel. *workers* is tox-bootstrapd "
+        "itself on its rows. On the ours-2w connection row every client is on the first "
+        "shard: *of which other shard* is the second worker applying the routing map's "
+        "updates (one replica's share of a handshake). *generator* is the load generator "
+        "(`cluster loadtest`, "
         "`ops.bench.onion_load` for onion requests), all its processes. Median of "
         f"{meta['repetitions']} repetition(s); the last column gives the runs and the range "
         "of the relay total.",

@@ -46,6 +46,7 @@ class Target:
     workdir: Path
     udp_port: int | None = None
     shard_ports: list[int] = field(default_factory=list)  # --shard-ports, in shard order
+    shard_pids: list[int] = field(default_factory=list)  # the workers' pids, same order
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -121,15 +122,16 @@ def start_cluster(
         error = (workdir / "relay.err").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"cluster did not start: stdout={lines!r} stderr={error}")
     target = Target(f"ours-{workers}w", 0, public_key, proc.pid, workdir, _proc=proc)
-    shards: list[tuple[int, int]] = []
+    shards: list[tuple[int, int, int]] = []
     for line in lines:
         if (match := _LISTEN.match(line)) and not target.port:
             target.port = int(match[1])
         elif match := _UDP.match(line):
             target.udp_port = int(match[1])
         elif match := _SHARD.match(line):
-            shards.append((int(match[1]), int(match[3])))
-    target.shard_ports = [port for _, port in sorted(shards)]
+            shards.append((int(match[1]), int(match[3]), int(match[2])))
+    target.shard_ports = [port for _, port, _ in sorted(shards)]
+    target.shard_pids = [pid for _, _, pid in sorted(shards)]
     return target
 
 
