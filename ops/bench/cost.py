@@ -369,14 +369,14 @@ def render_section(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     ])  # fmt: skip
 
 
-def splice_section(text: str, section: str) -> str:
-    """``text`` with its "## Cost ledger" section replaced (or added before "## Machine")."""
+def splice_section(text: str, section: str, heading: str = SECTION) -> str:
+    """``text`` with its ``heading`` section replaced (or added before "## Machine")."""
     lines = text.rstrip("\n").split("\n") if text else []
     kept: list[str] = []
     skipping = False
     for line in lines:
         if line.startswith("## "):
-            skipping = line.strip() == SECTION
+            skipping = line.strip() == heading
         if not skipping:
             kept.append(line)
     new = [*section.rstrip("\n").split("\n"), ""]
