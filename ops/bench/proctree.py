@@ -1,14 +1,14 @@
 """CPU seconds of a process tree, read from ``/proc``, split per process kind.
 
 ``snapshot(root_pid, kind_of)`` walks ``/proc`` once, keeps the root and its
-descendants, and returns ``{pid: Sample(kind, cpu_s)}`` with ``cpu_s`` = utime +
-stime of that process (all its threads, not its children). ``delta(before,
+descendants, and returns ``{pid: Sample(kind, cpu_s)}`` with ``cpu_s`` = the CPU
+time of that process (all its threads, not its children). ``delta(before,
 after)`` turns two snapshots into CPU seconds per kind; a process that started
 between them counts from zero, one that ended is lost (the ledger reports how
 many processes changed, so a restart mid-phase is visible).
 
-Resolution is one clock tick (usually 10 ms): phases must burn well over a
-second of CPU for a per-unit figure to mean something.
+Resolution: nanoseconds (``schedstat``), but a thread that ended between two
+snapshots takes its time with it (the relay's threads live as long as it does).
 """
 
 from __future__ import annotations
@@ -37,7 +37,22 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of ``pid`` in seconds; None when it is gone."""
+    """CPU time of ``pid`` (all its live threads, user + system) in seconds; None when
+    it is gone. From ``/proc/<pid>/task/*/schedstat`` (nanoseconds on the CPU), so
+    small shares such as the coordinator's per handshake are not lost in 10 ms clock
+    ticks; ``stat``'s utime + stime (ticks) where schedstat is missing."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total_ns = 0
+    for task in tasks:
+        try:
+            total_ns += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            break
+    else:
+        return total_ns / 1e9
     fields = _stat_fields(pid)
     if fields is None:
         return None
