@@ -20,7 +20,7 @@ tox-bootstrapd 0.2.18), each started once, fresh, per repetition
 
 How a cost is measured: every phase runs twice, a short run and a run with three
 times the work (longer window, more connections or requests). Before and after each
-run the CPU time (utime + stime from ``/proc/<pid>/stat``) of every process of the
+run the CPU time (``/proc/<pid>/task/*/schedstat``, see ``proctree``) of every process of the
 relay's tree is read (``ops/bench/proctree.py``) and split by kind: supervisor,
 coordinator, worker (ours) or tox-bootstrapd; the load generator's is the CPU of
 the finished subprocess and everything it waited for (``RUSAGE_CHILDREN``). The
@@ -348,7 +348,8 @@ def render_section(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         "CPU time per unit of work, in microseconds, summed over every process of the relay "
         "(ours: supervisor, coordinator, workers; tox-bootstrapd: its one process), read from "
-        "`/proc/<pid>/stat` before and after a short and a 3x longer run of each phase: "
+        "`/proc/<pid>/task/*/schedstat` (nanoseconds on the CPU, every thread) before and "
+        "after a short and a 3x longer run of each phase: "
         "cost = Δ CPU / Δ units, so start-up and idle time cancel. *workers* is tox-bootstrapd "
         "itself on its rows. On the ours-2w connection row every client is on the first "
         "shard: *of which other shard* is the second worker applying the routing map's "

@@ -71,3 +71,13 @@ def test_costs_from_ledger_rows() -> None:
     assert costs.generator_frame == 5.5 and costs.generator_handshake == 150.0
     with pytest.raises(ValueError, match="frame-cross"):
         costs_from_ledger([r for r in rows if r["phase"] != "frame-cross"])
+
+
+def test_section_names_the_largest_n_and_the_missing_device() -> None:
+    from ops.bench.scaling import render_section
+
+    text = render_section("python3 -m ops.bench.scaling", COSTS, predict(COSTS), [], [])
+    assert text.startswith("## Scaling")
+    assert "frames N = 2" in text and "handshakes N = 4" in text
+    assert "No many-core machine was lent" in text
+    assert "| 32 | 97% |" in text  # every N of the model is in the table
