@@ -371,19 +371,24 @@ def render_section(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def splice_section(text: str, section: str, heading: str = SECTION) -> str:
-    """``text`` with its ``heading`` section replaced (or added before "## Machine")."""
+    """``text`` with its ``heading`` section replaced where it stands, or added before
+    "## Machine" (or at the end) when it has none."""
     lines = text.rstrip("\n").split("\n") if text else []
+    new = [*section.rstrip("\n").split("\n"), ""]
     kept: list[str] = []
+    at = None
     skipping = False
     for line in lines:
         if line.startswith("## "):
             skipping = line.strip() == heading
+            if skipping and at is None:
+                at = len(kept)
         if not skipping:
             kept.append(line)
-    new = [*section.rstrip("\n").split("\n"), ""]
-    at = kept.index("## Machine") if "## Machine" in kept else len(kept)
-    if at == len(kept) and kept and kept[-1] != "":
-        new = ["", *new]
+    if at is None:
+        at = kept.index("## Machine") if "## Machine" in kept else len(kept)
+        if at == len(kept) and kept and kept[-1] != "":
+            new = ["", *new]
     return "\n".join(kept[:at] + new + kept[at:]).rstrip("\n") + "\n"
 
 

@@ -69,3 +69,10 @@ def test_section_is_replaced_not_duplicated() -> None:
     assert "stale" not in once and once.count("## Cost ledger") == 1
     assert twice.count("## Cost ledger") == 1 and "newer" in twice and "new\n" not in twice
     assert twice.index("## Cost ledger") < twice.index("## Machine")
+
+
+def test_section_is_replaced_where_it_stands() -> None:
+    page = "# B\n\n## Cost ledger\n\nold\n\n## Cost profile\n\np\n\n## Machine\n\nm\n"
+    text = cost.splice_section(page, "## Cost ledger\n\nnew")
+    assert text.index("## Cost ledger") < text.index("## Cost profile") < text.index("## Machine")
+    assert "old" not in text and "new" in text

@@ -81,3 +81,22 @@ def test_section_names_the_largest_n_and_the_missing_device() -> None:
     assert "frames N = 2" in text and "handshakes N = 4" in text
     assert "No many-core machine was lent" in text
     assert "| 32 | 97% |" in text  # every N of the model is in the table
+
+
+def test_sweep_measures_each_n_that_fits_on_the_cores(monkeypatch) -> None:
+    from ops.bench import scaling
+
+    calls = []
+
+    def fake_measure(workers, relay, generator, pairs, seconds, connections, processes):
+        calls.append((workers, relay, generator, pairs, processes))
+        return {"frames_per_s": 1000.0 * workers, "handshakes_per_s": 10.0 * workers}
+
+    monkeypatch.setattr(scaling, "measure_rates", fake_measure)
+    monkeypatch.setattr(scaling.os, "sched_getaffinity", lambda pid: set(range(16)))
+    rows = scaling.sweep(COSTS, repetitions=1)  # generator = 1 process per worker here
+    # N workers + the coordinator on cores 0..N, the generator's N processes after them.
+    assert [c[:3] for c in calls] == [(1, "0-1", "2-2"), (2, "0-2", "3-4"), (4, "0-4", "5-8")]
+    assert [c[3] for c in calls] == [8, 16, 32] and [c[4] for c in calls] == [1, 2, 4]
+    assert [r["workers"] for r in rows] == [1, 2, 4]  # 8 + 1 + 8 > 16 cores: stop
+    assert rows[2]["frames_per_s"] == 4000.0
