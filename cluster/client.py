@@ -83,19 +83,23 @@ class RelayClient(asyncio.Protocol):
         timeout: float = 10.0,
         confirm: bool = True,
         answer_pings: bool = True,
+        core: ClientConnection | None = None,
     ) -> RelayClient:
         """Open a TCP connection and complete the handshake.
 
         With ``confirm`` (as toxcore does) a PING is sent as the first frame
         and its PONG awaited, so the relay has registered the key on return.
+        ``core`` replaces the protocol core made from ``secret_key`` (the load
+        generator passes one with its X25519 work done in advance).
         Raises ConnectionClosed or TimeoutError.
         """
         loop = asyncio.get_running_loop()
-        core = ClientConnection(
-            secret_key if secret_key is not None else os.urandom(32),
-            server_public_key,
-            answer_pings=answer_pings,
-        )
+        if core is None:
+            core = ClientConnection(
+                secret_key if secret_key is not None else os.urandom(32),
+                server_public_key,
+                answer_pings=answer_pings,
+            )
         async with asyncio.timeout(timeout):
             _, client = await loop.create_connection(
                 lambda: cls(core), host, port, local_addr=local_addr

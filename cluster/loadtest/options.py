@@ -88,6 +88,7 @@ class LoadtestOptions:
     max_failure_fraction: float = DEFAULT_MAX_FAILURE_FRACTION
     max_disconnect_fraction: float = DEFAULT_MAX_DISCONNECT_FRACTION
     max_loss_fraction: float = DEFAULT_MAX_LOSS_FRACTION
+    partner_port: int | None = None  # the second client of each pair (--partner-port)
 
     @property
     def units(self) -> int:
@@ -167,6 +168,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--source-addresses", type=int, default=DEFAULT_SOURCE_ADDRESSES, metavar="N",
         help="spread client sockets over 127.0.0.1 .. 127.0.0.N (IPv4 loopback targets "
         f"only; default {DEFAULT_SOURCE_ADDRESSES})",
+    )  # fmt: skip
+    gen.add_argument(
+        "--partner-port", type=int, metavar="PORT",
+        help="throughput/oob: the second client of every pair connects to PORT (same host "
+        "and key), e.g. another shard's direct port of `cluster start --shard-ports`, so "
+        "every pair crosses shards (default: PORT)",
     )  # fmt: skip
     gen.add_argument(
         "--allow-remote", action="store_true",
@@ -318,6 +325,12 @@ def options_from_args(args: argparse.Namespace) -> LoadtestOptions:
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         raise UsageError(f"--plot {args.plot}: the file name must end in .png")
     target = resolve_target(args.host, args.port, parse_public_key(args.pubkey), args.allow_remote)
+    partner_port = getattr(args, "partner_port", None)
+    if partner_port is not None:
+        if mode not in TRAFFIC_MODES:
+            raise UsageError(f"--partner-port is for throughput and oob, not {mode}")
+        if not 1 <= partner_port <= 65535:
+            raise UsageError(f"--partner-port must be 1..65535, got {partner_port}")
     warmup = args.warmup if mode in TRAFFIC_MODES else 0.0
     drain = args.drain if mode in TRAFFIC_MODES else 0.0
     deadline = args.deadline
@@ -354,4 +367,5 @@ def options_from_args(args: argparse.Namespace) -> LoadtestOptions:
         max_failure_fraction=args.max_failure_fraction,
         max_disconnect_fraction=args.max_disconnect_fraction,
         max_loss_fraction=args.max_loss_fraction,
+        partner_port=partner_port,
     )

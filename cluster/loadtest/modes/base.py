@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 
 from cluster.loadtest.clients import LoadClient, close_all, open_client
+from cluster.loadtest.identity import Identity, make_identity
 from cluster.loadtest.payload import Randomness
 from cluster.loadtest.results import WorkerResult
 from cluster.loadtest.spec import WorkerSpec
@@ -100,14 +101,19 @@ class ModeRunner(ABC):
             return None
         return addresses[(self.spec.index + n) % len(addresses)]
 
-    async def connect(self, secret_key: bytes, n: int) -> LoadClient:
-        """Open this process's ``n``-th connection (handshake + PING); raises on failure."""
+    def identity(self) -> Identity:
+        """A new client key with its X25519 work for the target done (``identity``)."""
+        return make_identity(self.random.secret_key(), self.options.target.public_key)
+
+    async def connect(self, identity: Identity, n: int, port: int | None = None) -> LoadClient:
+        """Open this process's ``n``-th connection (handshake + PING); raises on failure.
+        ``port`` replaces the target's port (``--partner-port``)."""
         target = self.options.target
         return await open_client(
             target.address,
-            target.port,
+            target.port if port is None else port,
             target.public_key,
-            secret_key,
+            identity,
             self.source_address(n),
             self.options.connect_timeout,
         )

@@ -11,6 +11,7 @@ import asyncio
 import time
 
 from cluster.loadtest.clients import failure_cause
+from cluster.loadtest.identity import Identity
 from cluster.loadtest.modes.base import ModeRunner, in_lanes, sleep_until
 
 
@@ -18,7 +19,8 @@ class HandshakeRunner(ModeRunner):
     """This process's share of the C handshakes, with its share of the K lanes."""
 
     async def setup(self) -> None:
-        """Nothing to open in advance."""
+        """Nothing to open in advance; identities are made as lanes need them."""
+        self.idle_identities: list[Identity] = []
 
     def events(self) -> int:
         return self.result.counts["handshakes"]
@@ -26,12 +28,15 @@ class HandshakeRunner(ModeRunner):
     async def _one(self, n: int) -> None:
         counts = self.result.counts
         counts["attempted"] += 1
-        secret_key = self.random.secret_key()
+        # One identity per lane, reused by its next connections (cluster.loadtest.identity).
+        identities = self.idle_identities
+        identity = identities.pop() if identities else self.identity()
         started = time.perf_counter()
         try:
-            client = await self.connect(secret_key, n)
+            client = await self.connect(identity, n)
         except Exception as error:  # refused, reset, timed out, bad reply: counted
             self.result.errors[failure_cause(error)] += 1
+            identities.append(identity)
             return
         finished = time.perf_counter()
         self.result.latency.add(finished - started)
@@ -39,6 +44,7 @@ class HandshakeRunner(ModeRunner):
         assert self.t0 is not None
         self.result.timeline.add(finished - self.t0)
         await client.close()
+        identities.append(identity)
 
     async def run(self, t0: float, stop: asyncio.Event) -> None:
         self.t0 = t0

@@ -23,7 +23,7 @@ class IdleRunner(ModeRunner):
     """This process's share of the N held connections."""
 
     async def setup(self) -> None:
-        keys = [self.random.secret_key() for _ in range(self.spec.units)]
+        keys = [self.identity() for _ in range(self.spec.units)]
 
         async def open_one(n: int) -> None:
             try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable
 
 from cluster.loadtest.clients import (
     LinkError,
@@ -24,13 +23,14 @@ from cluster.loadtest.clients import (
     failure_cause,
     link,
 )
+from cluster.loadtest.identity import Identity
 from cluster.loadtest.modes.base import ModeRunner, in_lanes, sleep_until
 from cluster.loadtest.payload import (
+    ECHO_PREFIX,
     HEADER,
     HEADER_SIZE,
     ORIGINAL,
     SEQUENCE_MODULUS,
-    echo_of,
     original,
 )
 from cluster.loadtest.spec import WorkerSpec
@@ -42,21 +42,28 @@ from relaycore.packets import (
     Ping,
     Pong,
     RoutedData,
+    encode,
 )
 
 INTERRUPTED_DRAIN_S = 1.0  # at most this long waiting for echoes after Ctrl-C
 DRAIN_POLL_S = 0.01
 _HALF_SEQUENCE = SEQUENCE_MODULUS // 2
+OOB_RECV = 7  # packet id (tcp-relay-protocol.md); its data follows the sender's key
+OOB_DATA = 1 + 32
 
 
-def data_on(connection_id: int) -> Callable[[bytes], Packet]:
-    """payload -> routed data on ``connection_id``."""
-    return lambda payload: RoutedData(connection_id, payload)
+def data_on(connection_id: int) -> bytes:
+    """The plaintext prefix of routed data on ``connection_id`` (the payload follows).
+
+    Endpoints build plaintexts as prefix + payload and frame them directly
+    (``LoadClient.queue_plain``): no packet object and no ``encode`` per frame,
+    the same bytes as ``encode(RoutedData(connection_id, payload))``."""
+    return encode(RoutedData(connection_id, b""))
 
 
-def oob_to(public_key: bytes) -> Callable[[bytes], Packet]:
-    """payload -> an OOB packet to ``public_key``."""
-    return lambda payload: OobSend(public_key, payload)
+def oob_to(public_key: bytes) -> bytes:
+    """The plaintext prefix of an OOB packet to ``public_key`` (see ``data_on``)."""
+    return encode(OobSend(public_key, b""))
 
 
 class Endpoint:
@@ -68,12 +75,12 @@ class Endpoint:
         self,
         run: TrafficRunner,
         client: LoadClient,
-        wrap: Callable[[bytes], Packet],
+        wrap: bytes,
         peer: int | bytes,
     ) -> None:
         self.run = run
         self.client = client
-        self.wrap = wrap  # payload -> the packet that carries it to the partner
+        self.wrap = wrap  # plaintext prefix of the packet that carries a payload to the partner
         self.peer = peer  # connection id (data) or public key (OOB) the partner's packets carry
         self.sent = 0
         self.echoed = 0
@@ -88,57 +95,88 @@ class Endpoint:
         """Queue ``count`` new originals (written by the caller's flush)."""
         filler = self.run.filler
         for _ in range(count):
-            self.client.queue(self.wrap(original(self.sent, time.perf_counter(), filler)))
+            self.client.queue_plain(self.wrap + original(self.sent, time.perf_counter(), filler))
             self.sent += 1
 
-    def _in_order(self, sequence: int, expected: int) -> bool:
-        """False for a duplicate or a reordered packet (a gap is loss, counted elsewhere)."""
-        return (sequence - expected) % SEQUENCE_MODULUS < _HALF_SEQUENCE
-
     def on_packets(self, packets: list[Packet]) -> None:
-        run = self.run
-        now = time.perf_counter()
-        errors = run.result.errors
-        frames = 0
+        """Packets the client decoded (the slow path: control packets, or no fast path)."""
+        errors = self.run.result.errors
+        payloads = []
         for packet in packets:
             kind = type(packet)
             if kind is RoutedData:
                 if packet.connection_id != self.peer:  # type: ignore[union-attr]
                     errors["misdelivered"] += 1
                     continue
-                payload = packet.payload  # type: ignore[union-attr]
+                payloads.append(packet.payload)  # type: ignore[union-attr]
             elif kind is OobReceive:
                 if packet.sender != self.peer:  # type: ignore[union-attr]
                     errors["misdelivered"] += 1
                     continue
-                payload = packet.data  # type: ignore[union-attr]
+                payloads.append(packet.data)  # type: ignore[union-attr]
             elif kind is Ping or kind is Pong:
                 continue  # server pings are answered by the protocol core
             elif kind is DisconnectNotification:
                 errors["disconnected"] += 1
-                continue
             else:
                 errors["unexpected packet"] += 1
-                continue
-            if len(payload) != run.size:
+        if payloads:
+            self.on_payloads(payloads)
+
+    def on_plains(self, plains: list[bytes]) -> None:
+        """Plaintexts of routed data or OOB receive packets, undecoded (``LoadClient``'s
+        fast path: no packet object per frame). Same checks as ``on_packets``."""
+        peer = self.peer
+        errors = self.run.result.errors
+        payloads = []
+        oob = self.run.oob
+        for plain in plains:
+            if (plain[0] == OOB_RECV) is not oob:
+                errors["unexpected packet"] += 1
+            elif (plain[1:OOB_DATA] if oob else plain[0]) != peer:
+                errors["misdelivered"] += 1
+            else:
+                payloads.append(plain[OOB_DATA:] if oob else plain[1:])
+        if payloads:
+            self.on_payloads(payloads)
+
+    def on_payloads(self, payloads: list[bytes]) -> None:
+        """Echo originals, time echoes and send the next originals.
+
+        The generator's per-frame loop: frames are sealed straight into the
+        client core's outbox (what ``queue_plain`` does, minus three calls), so
+        that the generator spends no more CPU per frame than the relay."""
+        run = self.run
+        now = time.perf_counter()
+        errors = run.result.errors
+        core = self.client.core
+        encrypt = core.channel.encrypt  # type: ignore[union-attr]  # connected: set
+        outbox = core.outbox
+        wrap = self.wrap
+        size = run.size
+        unpack = HEADER.unpack_from
+        frames = 0
+        for payload in payloads:
+            if len(payload) != size:
                 errors["bad payload"] += 1
                 continue
-            flag, sequence, sent_at = HEADER.unpack_from(payload)
+            flag, sequence, sent_at = unpack(payload)
             frames += 1
             if flag == ORIGINAL:
-                if not self._in_order(sequence, self.next_original):
+                if (sequence - self.next_original) % SEQUENCE_MODULUS >= _HALF_SEQUENCE:
                     errors["out of order"] += 1
                 self.next_original = (sequence + 1) % SEQUENCE_MODULUS
-                self.client.queue(self.wrap(echo_of(payload)))
+                outbox += encrypt(wrap + ECHO_PREFIX + payload[1:])  # echo_of(payload)
             else:
                 self.echoed += 1
-                if not self._in_order(sequence, self.next_echo):
+                if (sequence - self.next_echo) % SEQUENCE_MODULUS >= _HALF_SEQUENCE:
                     errors["out of order"] += 1
                 self.next_echo = (sequence + 1) % SEQUENCE_MODULUS
                 if run.measure_from <= now < run.measure_until:
                     run.result.latency.add(now - sent_at)
                 if run.originating and self.sent - self.echoed < run.window:
-                    self.originate(1)
+                    outbox += encrypt(wrap + original(self.sent, time.perf_counter(), run.filler))
+                    self.sent += 1
         if frames:
             run.count_frames(now, frames)
 
@@ -161,8 +199,7 @@ class TrafficRunner(ModeRunner):
     # -- setup ---------------------------------------------------------------
 
     async def setup(self) -> None:
-        random = self.random
-        keys = [(random.secret_key(), random.secret_key()) for _ in range(self.spec.units)]
+        keys = [(self.identity(), self.identity()) for _ in range(self.spec.units)]
 
         async def open_pair(i: int) -> None:
             await self._open_pair(2 * i, *keys[i])
@@ -170,9 +207,11 @@ class TrafficRunner(ModeRunner):
         await in_lanes(len(keys), self.spec.concurrency, open_pair)
         self.result.counts["pairs"] = self.ready_units
 
-    async def _open_pair(self, n: int, a_key: bytes, b_key: bytes) -> None:
+    async def _open_pair(self, n: int, a_key: Identity, b_key: Identity) -> None:
         opened = await asyncio.gather(
-            self.connect(a_key, n), self.connect(b_key, n + 1), return_exceptions=True
+            self.connect(a_key, n),
+            self.connect(b_key, n + 1, self.options.partner_port),
+            return_exceptions=True,
         )
         clients = [c for c in opened if isinstance(c, LoadClient)]
         failures = [e for e in opened if not isinstance(e, LoadClient)]
@@ -201,6 +240,7 @@ class TrafficRunner(ModeRunner):
             endpoint = Endpoint(self, client, wrap, peer)
             client.pending_events()  # leftovers of the link phase
             client.on_packets = endpoint.on_packets
+            client.on_plains = endpoint.on_plains
             self.endpoints.append(endpoint)
             self.keep(client)
         self.ready_units += 1
