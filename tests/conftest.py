@@ -1,4 +1,15 @@
-"""Fixtures shared by every test directory."""
+"""Fixtures and hooks shared by every test directory."""
+
+import pytest
 
 from tests.support.bootstrapd import reference_relay  # noqa: F401
+from tests.support.outcome import CALL_FAILED
 from tests.support.relay_process import relay_process  # noqa: F401
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_FAILED] = report.failed
+    return report

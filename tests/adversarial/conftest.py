@@ -7,18 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_process.support import Cluster
-from tests.support.relay_process import start_relay
-
-CALL_FAILED = pytest.StashKey[bool]()
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    report = yield
-    if report.when == "call":
-        item.stash[CALL_FAILED] = report.failed
-    return report
+from tests.cluster_process.support import Cluster, ClusterSet
+from tests.support.outcome import CALL_FAILED
 
 
 @pytest.fixture
@@ -28,24 +18,10 @@ def attack_cluster(
     """Start `cluster start --shard-ports --workers N` with ``config`` (TOML text).
 
     Every cluster is stopped by PID afterwards; on failure its output is printed."""
-    clusters: list[Cluster] = []
+    clusters = ClusterSet(tmp_path)
 
-    def factory(config: str | None = None, workers: int = 2) -> Cluster:
-        relay = start_relay(
-            tmp_path / f"relay-{len(clusters)}",
-            extra_args=["--shard-ports"],
-            workers=workers,
-            config=config,
-        )
-        cluster = Cluster(relay)
-        clusters.append(cluster)
-        assert len(cluster.shards()) == workers, relay.stdout_lines
-        return cluster
+    def start(config: str | None = None, workers: int = 2) -> Cluster:
+        return clusters.start(workers, config=config)
 
-    yield factory
-    for cluster in clusters:
-        cluster.stop()
-    if request.node.stash.get(CALL_FAILED, False):
-        for cluster in clusters:
-            print("---- cluster stdout ----", *cluster.lines, sep="\n")
-            print("---- cluster stderr ----\n" + cluster.relay.stderr_text())
+    yield start
+    clusters.stop_all(request.node.stash.get(CALL_FAILED, False))

@@ -204,17 +204,49 @@ def _is_ours(pid: int) -> bool:
     return b"worker" in cmdline or b"coordinator" in cmdline
 
 
-def start_cluster(workdir: Path, workers: int, allow_private_next_hops: bool = False) -> Cluster:
+def start_cluster(
+    workdir: Path,
+    workers: int,
+    allow_private_next_hops: bool = False,
+    config: str | None = None,
+) -> Cluster:
+    """`cluster start --shard-ports --workers N`, with ``config`` (TOML text) if given."""
     relay = start_relay(
         workdir,
         extra_args=["--shard-ports"],
         workers=workers,
+        config=config,
         allow_private_next_hops=allow_private_next_hops,
     )
     cluster = Cluster(relay)
     assert len(cluster.shards()) == workers, relay.stdout_lines
     assert len(cluster.coordinator_pids()) == 1, relay.stdout_lines
     return cluster
+
+
+class ClusterSet:
+    """The clusters one test started: all stopped by PID at teardown, and their
+    output printed when the test failed (pytest shows it with the failure)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.clusters: list[Cluster] = []
+
+    def start(
+        self, workers: int = 2, allow_private_next_hops: bool = False, config: str | None = None
+    ) -> Cluster:
+        workdir = self.tmp_path / f"relay-{len(self.clusters)}"
+        cluster = start_cluster(workdir, workers, allow_private_next_hops, config)
+        self.clusters.append(cluster)
+        return cluster
+
+    def stop_all(self, failed: bool) -> None:
+        for cluster in self.clusters:
+            cluster.stop()
+        if failed:
+            for cluster in self.clusters:
+                print("---- cluster stdout ----", *cluster.lines, sep="\n")
+                print("---- cluster stderr ----\n" + cluster.relay.stderr_text())
 
 
 async def wait_until(

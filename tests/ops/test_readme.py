@@ -27,6 +27,12 @@ README = ROOT / "README.md"
 CI_RUN = ROOT / ".ci" / "run"
 INSTALL = ROOT / "ops" / "install-test-deps"
 
+# What ops/install-test-deps installs: the oracles, real clients, and the tools
+# that build c-toxcore 0.2.23 from ../shared/vendor.
+TEST_PACKAGES = (
+    "toxcore-utils libtoxcore-dev cmake ninja-build pkg-config libsodium-dev libconfig-dev"
+)
+
 
 def quick_start_commands() -> dict[str, str]:
     """The numbered commands of the Quick start block ("1", "2")."""
@@ -88,7 +94,7 @@ def test_install_as_root_without_sudo(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert calls == [
         "apt-get update -qq DEBIAN_FRONTEND=noninteractive",
-        "apt-get install -y -qq toxcore-utils libtoxcore-dev DEBIAN_FRONTEND=noninteractive",
+        f"apt-get install -y -qq {TEST_PACKAGES} DEBIAN_FRONTEND=noninteractive",
     ]
 
 
@@ -99,7 +105,7 @@ def test_install_as_a_user_uses_sudo(tmp_path: Path) -> None:
         "sudo",
         "apt-get update -qq DEBIAN_FRONTEND=noninteractive",
         "sudo",
-        "apt-get install -y -qq toxcore-utils libtoxcore-dev DEBIAN_FRONTEND=noninteractive",
+        f"apt-get install -y -qq {TEST_PACKAGES} DEBIAN_FRONTEND=noninteractive",
     ]
     assert "(with sudo)" in result.stdout
 

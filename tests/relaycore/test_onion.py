@@ -190,7 +190,9 @@ def test_r_oret_round_trip_reaches_the_asking_connection_only(net: Network) -> N
 @pytest.mark.parametrize("compat", ["0.2.18", "0.2.23"])
 @pytest.mark.parametrize("response_id", [0x83, 0x85, 0x87, 0x00, 0x8E, 0xFF])
 def test_r_oret_2_other_ids_dropped(compat: str, response_id: int) -> None:
-    net = Network(RelayOptions(compat=compat), onion_secrets=SECRETS, now=1000.0)
+    net = Network(
+        RelayOptions(compat=compat, allow_private_next_hops=True), onion_secrets=SECRETS, now=1000.0
+    )
     a = net.connect("a")
     net.send_plain("a", onion_plain(300))
     [datagram] = net.server.take_datagrams()
@@ -201,7 +203,11 @@ def test_r_oret_2_other_ids_dropped(compat: str, response_id: int) -> None:
 
 def test_r_oret_2_compat_0_2_18_drops_group_announce_responses() -> None:
     """Debian's 0.2.18 daemon delivers only 0x84/0x86 [obs: 0x88 dropped]."""
-    net = Network(RelayOptions(compat="0.2.18"), onion_secrets=SECRETS, now=1000.0)
+    net = Network(
+        RelayOptions(compat="0.2.18", allow_private_next_hops=True),
+        onion_secrets=SECRETS,
+        now=1000.0,
+    )
     a = net.connect("a")
     net.send_plain("a", onion_plain(300))
     [datagram] = net.server.take_datagrams()
