@@ -146,12 +146,17 @@ def metric(text: str, name: str) -> float:
     return float(match[1])
 
 
+def scrape_url(url: str) -> str:
+    return urllib.request.urlopen(url, timeout=5).read().decode()
+
+
 def test_running_cluster_reports_traffic_in_metrics_and_status(tmp_path: Path) -> None:
     relay = start_relay(tmp_path / "relay", workers=2, extra_args=["--metrics", "127.0.0.1:0"])
     try:
         url = next(line.split()[-1] for line in relay.stdout_lines if line.startswith("Metrics on"))
 
-        async def traffic() -> None:
+        async def checks() -> None:
+            # a and b stay open until the checks end: "confirmed 2" needs them.
             a = await RelayClient.connect(relay.host, relay.port, relay.public_key)
             b = await RelayClient.connect(relay.host, relay.port, relay.public_key)
             a.route_request(b.public_key)
@@ -167,49 +172,57 @@ def test_running_cluster_reports_traffic_in_metrics_and_status(tmp_path: Path) -
             bad.send_plain(b"\x0c")  # reserved id: killed by R-RSV-1
             await asyncio.wait_for(asyncio.shield(bad.closed), 5)
 
-        asyncio.run(traffic())
-        deadline = time.monotonic() + 10
-        while True:  # reports arrive once a second
-            text = urllib.request.urlopen(url, timeout=5).read().decode()
-            done = 'toxrelay_closed_connections_total{reason="R-RSV-1"}' in text and (
-                metric(text, "toxrelay_relayed_packets_total") >= 50
-            )
-            if done or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
-        assert metric(text, "toxrelay_relayed_packets_total") >= 50
-        assert metric(text, "toxrelay_relayed_bytes_total") >= 50 * 100
-        assert metric(text, 'toxrelay_handshakes_total{result="confirmed"}') >= 3
-        assert metric(text, 'toxrelay_closed_connections_total{reason="R-RSV-1"}') == 1
-        assert metric(text, 'toxrelay_packets_received_total{type="routing_request"}') == 2
-        assert metric(text, "toxrelay_workers") == 2
-        assert metric(text, "toxrelay_links_total") == 1
+            deadline = time.monotonic() + 10
+            while True:  # reports arrive once a second
+                text = await asyncio.to_thread(scrape_url, url)
+                done = 'toxrelay_closed_connections_total{reason="R-RSV-1"}' in text and (
+                    metric(text, "toxrelay_relayed_packets_total") >= 50
+                )
+                if done or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.3)
+            assert metric(text, "toxrelay_relayed_packets_total") >= 50
+            assert metric(text, "toxrelay_relayed_bytes_total") >= 50 * 100
+            assert metric(text, 'toxrelay_handshakes_total{result="confirmed"}') >= 3
+            assert metric(text, 'toxrelay_closed_connections_total{reason="R-RSV-1"}') == 1
+            assert metric(text, 'toxrelay_packets_received_total{type="routing_request"}') == 2
+            assert metric(text, "toxrelay_workers") == 2
+            assert metric(text, "toxrelay_links_total") == 1
 
-        deadline = time.monotonic() + 10
-        while True:  # the map size comes from the coordinator's next report
-            status = relay.status()
-            settled = status["totals"]["map_entries"] == 2 and status["totals"]["confirmed"] == 2
-            if settled or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
-        assert len(status["workers"]) == 2
-        assert {row["pid"] for row in status["workers"]} and all(
-            row["rss_bytes"] > 0 for row in status["workers"]
-        )
-        totals = status["totals"]
-        assert totals["confirmed"] == 2  # a and b; the bad one is gone
-        # Read after the scrape: each worker's next report may have added to it.
-        assert totals["relayed_packets"] >= metric(text, "toxrelay_relayed_packets_total") >= 50
-        assert totals["frames_in"] >= metric(text, 'toxrelay_frames_total{direction="in"}')
-        assert totals["map_entries"] == 2
-        table = subprocess.run(
-            [sys.executable, "-m", "cluster.cli", "status", "--once"],
-            cwd=relay.workdir,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout
-        assert "confirmed clients 2" in table
+            deadline = time.monotonic() + 10
+            while True:  # the map size comes from the coordinator's next report
+                status = await asyncio.to_thread(relay.status)
+                settled = (
+                    status["totals"]["map_entries"] == 2 and status["totals"]["confirmed"] == 2
+                )
+                if settled or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.3)
+            assert len(status["workers"]) == 2
+            assert {row["pid"] for row in status["workers"]} and all(
+                row["rss_bytes"] > 0 for row in status["workers"]
+            )
+            totals = status["totals"]
+            assert totals["confirmed"] == 2  # a and b; the bad one is gone
+            # Read after the scrape: each worker's next report may have added to it.
+            assert totals["relayed_packets"] >= metric(text, "toxrelay_relayed_packets_total") >= 50
+            assert totals["frames_in"] >= metric(text, 'toxrelay_frames_total{direction="in"}')
+            assert totals["map_entries"] == 2
+            table = (
+                await asyncio.to_thread(
+                    subprocess.run,
+                    [sys.executable, "-m", "cluster.cli", "status", "--once"],
+                    cwd=relay.workdir,
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+            ).stdout
+            assert "confirmed clients 2" in table
+            for client in (a, b):
+                await client.close()
+
+        asyncio.run(checks())
     finally:
         relay.stop()
 
