@@ -1040,16 +1040,8 @@ class RelayServer:
                 self.stats["dropped.stale_link"] += 1
                 return
             self._send_nonpriority(connection, bytes((index + NUM_RESERVED_PORTS,)) + payload)  # type: ignore[operator]
-        elif kind == Link.OOB:
-            _, from_pk, to_pk, to_epoch, data = message
-            if to_epoch is None:  # a broadcast: delivered by whoever holds the key
-                connection = self.by_key.get(to_pk)
-                if connection is None:
-                    self.stats["dropped.oob_offline"] += 1  # R-OOB-3
-            else:
-                connection = self._local(to_pk, to_epoch)
-            if connection is not None:  # R-OOB-2
-                self._send_nonpriority(connection, b"\x07" + from_pk + data)
+        elif kind == Link.OOB or kind == Link.OOB_FORWARDED:
+            self._receive_oob(message)
         elif kind == Link.WANT or kind == Link.LINKED:
             _, from_pk, from_epoch, to_pk, to_epoch = message
             remote = RemotePeer(from_shard, from_pk, from_epoch)
@@ -1087,6 +1079,40 @@ class RelayServer:
             self._end_remote_links(
                 RemotePeer(from_shard, from_pk, from_epoch), only=(to_pk, to_epoch)
             )
+
+    def _receive_oob(self, message: tuple) -> None:
+        """An OOB from a client on another shard (R-OOB-2), for the key's
+        connection ``to_epoch`` (None: a broadcast, for whoever holds the key).
+
+        The sender's shard names the connection its replica maps the key to;
+        when that one was replaced (R-CONF-3) by a connection the sender's
+        replica has not heard of yet, one process would have delivered to the
+        new one: so does the cluster (issue 12). The old connection's shard
+        read the update that replaced it (that is what closed it), so it
+        knows the key's current connection: its own, delivered here, or
+        another shard's, forwarded there once (as OOB_FORWARDED, which is not
+        forwarded again: two replicas that lag differently cannot bounce it)."""
+        kind, from_pk, to_pk, to_epoch, data = message
+        connection = self.by_key.get(to_pk)
+        if to_epoch is None:  # a broadcast: delivered by whoever holds the key
+            if connection is None:
+                self.stats["dropped.oob_offline"] += 1  # R-OOB-3
+                return
+        elif connection is None or connection.epoch != to_epoch:
+            if connection is not None and connection.epoch > to_epoch:
+                # Ours replaced it (same shard: epochs grow): the key's current one.
+                self.stats["oob_redirected"] += 1
+            else:
+                current = self.directory.get(to_pk)
+                if current is None or current.epoch == to_epoch or kind == Link.OOB_FORWARDED:
+                    self.stats["dropped.stale_epoch"] += 1
+                    return
+                self.stats["oob_forwarded"] += 1
+                self._bus.append(
+                    (current.shard, (Link.OOB_FORWARDED, from_pk, to_pk, current.epoch, data))
+                )
+                return
+        self._send_nonpriority(connection, b"\x07" + from_pk + data)  # R-OOB-2
 
     def apply_map_update(self, update: tuple) -> None:
         """One sequenced update of the routing map from the coordinator."""

@@ -12,6 +12,9 @@ connection never reaches a newer one with the same key:
     (UNLINK, from_pk, from_epoch, to_pk, to_epoch)           that link has ended
     (DATA,   from_pk, from_epoch, to_pk, to_epoch, payload)  routed data (R-DATA-4)
     (OOB,    from_pk, to_pk, to_epoch, data)                 OOB (R-OOB-2)
+    (OOB_FORWARDED, from_pk, to_pk, to_epoch, data)          the same, sent on by the shard
+                                                              of a replaced to_epoch to the
+                                                              key's current one (once)
     (REPLY,  to_epoch, plain)                                 a UDP onion/forward reply,
                                                               as type 9/11 (R-ORET-5, R-FWD-5)
 
@@ -57,6 +60,7 @@ class Link(IntEnum):
     OOB = 5
     NOLINK = 6
     REPLY = 7
+    OOB_FORWARDED = 8
 
 
 class Registry(IntEnum):
