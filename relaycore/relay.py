@@ -284,7 +284,6 @@ class RelayServer:
         self._remote_links: dict[RemotePeer, set[ServerConnection]] = {}
         self.peer_shards: set[ShardId] = set()  # the other live shards (coordinator's view)
         self._waiting: set[ServerConnection] = set()  # connections waiting for an answer
-        self._clock = 0.0  # the latest `now` seen, for map updates (which carry none)
         self._doomed: dict[RemotePeer, float] = {}
         self._dropped_shards: set[ShardId] = set()  # DROP_SHARD seen, no SET since
         self._dead: dict[RemotePeer, float] = {}  # replaced / ended -> forget at (in order)
@@ -371,7 +370,6 @@ class RelayServer:
             self._settle()
 
     def _receive(self, connection: ServerConnection, data: bytes, now: float) -> None:
-        self._clock = now
         connection.more_input = False
         if connection.state is ConnectionState.CLOSED:
             return
@@ -456,7 +454,6 @@ class RelayServer:
 
     def tick(self, now: float) -> None:
         """Timers: server pings, ping timeouts, handshake timeouts (§10)."""
-        self._clock = now
         options = self.options
         for connection in list(self.by_key.values()):
             if connection.state is not ConnectionState.CONFIRMED:
@@ -656,7 +653,7 @@ class RelayServer:
             if packet.ping_id == connection.ping_id:
                 connection.ping_id = _ZERO_PING_ID
         elif isinstance(packet, OobSend):
-            self._oob_send(connection, packet.destination, packet.data)
+            self._oob_send(connection, packet.destination, packet.data, now)
         elif isinstance(packet, DisconnectNotification):
             self._disconnect_request(connection, packet.connection_id)
         elif isinstance(packet, ConnectNotification):
@@ -666,7 +663,9 @@ class RelayServer:
         elif isinstance(packet, ForwardRequest):
             self._forward_request(connection, packet.address, packet.data, now)
 
-    def _oob_send(self, connection: ServerConnection, destination: bytes, data: bytes) -> None:
+    def _oob_send(
+        self, connection: ServerConnection, destination: bytes, data: bytes, now: float
+    ) -> None:
         sender = connection.public_key
         assert sender is not None
         local = self.by_key.get(destination)
@@ -681,7 +680,7 @@ class RelayServer:
             # moment ago, so each shard delivers it if it holds the key (epoch None).
             # Every offline key lands here: one copy per shard, so it is rate
             # limited per address and per worker (amplification, issue 10).
-            if not self._oob_broadcast_allowed(connection):
+            if not self._oob_broadcast_allowed(connection, now):
                 return
             message = (Link.OOB, sender, destination, None, data)
             self._bus.extend((shard, message) for shard in self.peer_shards)
@@ -689,8 +688,7 @@ class RelayServer:
         else:
             self.stats["dropped.oob_offline"] += 1  # R-OOB-3
 
-    def _oob_broadcast_allowed(self, connection: ServerConnection) -> bool:
-        now = self._clock
+    def _oob_broadcast_allowed(self, connection: ServerConnection, now: float) -> bool:
         if not self._oob_broadcast_by_address.take(connection.address, now):
             self.stats["dropped.oob_broadcast_rate_ip"] += 1
             return False
@@ -814,7 +812,6 @@ class RelayServer:
 
     def receive_datagram(self, data: bytes, now: float) -> None:
         """A UDP datagram arrived on the relay's port (from anyone)."""
-        self._clock = now
         stats = self.stats
         if len(data) > MAX_DATAGRAM_SIZE:
             stats["dropped.datagram_too_long"] += 1  # no valid reply is (R-FWD-6)
@@ -950,14 +947,14 @@ class RelayServer:
     # Cluster: links to clients on other shards (docs/architecture.md)
     # ------------------------------------------------------------------
 
-    def take_bus(self) -> list[tuple[ShardId, tuple]]:
+    def take_bus(self, now: float) -> list[tuple[ShardId, tuple]]:
         """(destination shard, link message) pairs produced since the last call."""
         if self._rewant:
-            self._send_rewants()
+            self._send_rewants(now)
         bus, self._bus = self._bus, []
         return bus
 
-    def _send_rewants(self) -> None:
+    def _send_rewants(self, now: float) -> None:
         """R-ROUTE-6 across shards: each local connection with a REQUESTED
         slot for a key that got a SET WANTs the key's newest connection, once
         for all the SETs of a batch (a key that reconnects N times in a batch
@@ -965,7 +962,7 @@ class RelayServer:
         REWANT_INTERVAL per key: a later SET waits for a later call (every
         flush makes one; the tick at the latest)."""
         rewant, self._rewant = self._rewant, {}
-        now, rewanted = self._clock, self._rewanted_at
+        rewanted = self._rewanted_at
         for public_key in rewant:
             last = rewanted.get(public_key)
             if last is not None and now - last < REWANT_INTERVAL:
@@ -1026,7 +1023,6 @@ class RelayServer:
             self._settle()
 
     def _receive_link(self, from_shard: ShardId, message: tuple, now: float) -> None:
-        self._clock = now
         kind = message[0]
         if kind == Link.DATA:
             _, from_pk, from_epoch, to_pk, to_epoch, payload = message
@@ -1114,13 +1110,13 @@ class RelayServer:
                 return
         self._send_nonpriority(connection, b"\x07" + from_pk + data)  # R-OOB-2
 
-    def apply_map_update(self, update: tuple) -> None:
+    def apply_map_update(self, update: tuple, now: float) -> None:
         """One sequenced update of the routing map from the coordinator."""
-        self._apply_map_update(update)
+        self._apply_map_update(update, now)
         if self._over_limit:
             self._settle()
 
-    def _apply_map_update(self, update: tuple) -> None:
+    def _apply_map_update(self, update: tuple, now: float) -> None:
         kind = update[0]
         if kind == MapUpdate.SET:
             _, public_key, shard, epoch, replaced_shard, replaced_epoch = update
@@ -1131,8 +1127,8 @@ class RelayServer:
                         self.kill(old, "R-CONF-3")
                 else:
                     replaced = RemotePeer(replaced_shard, public_key, replaced_epoch)
-                    self._note_dead(replaced)
-                    self._doom(replaced)
+                    self._note_dead(replaced, now)
+                    self._doom(replaced, now)
             self._dropped_shards.discard(shard)  # (dropped while alive, registers again)
             self._dead.pop(RemotePeer(shard, public_key, epoch), None)  # (the same: alive)
             if shard == self.shard:
@@ -1149,12 +1145,12 @@ class RelayServer:
                 del self.directory[public_key]
             if shard != self.shard:
                 ended = RemotePeer(shard, public_key, epoch)
-                self._note_dead(ended)
-                self._doom(ended)
+                self._note_dead(ended, now)
+                self._doom(ended, now)
         elif kind == MapUpdate.DROP_SHARD:
             _, shard, _exited = update  # (exited or silent: the same to the relay table)
             if shard == self.shard:
-                self._renew_after_own_drop()
+                self._renew_after_own_drop(now)
                 return
             self.peer_shards.discard(shard)
             self._dropped_shards.add(shard)
@@ -1162,7 +1158,7 @@ class RelayServer:
                 if remote.shard == shard:
                     del self.directory[public_key]
                     # (if that shard lives, it gives its clients new epochs)
-                    self._note_dead(remote)
+                    self._note_dead(remote, now)
             for remote in [r for r in self._remote_links if r.shard == shard]:
                 # Said on the bus too (lost if that worker is dead): one dropped
                 # while alive may have linked on a LINKED we sent before this.
@@ -1170,9 +1166,9 @@ class RelayServer:
                     self._send_link(Link.UNLINK, connection.public_key, connection.epoch, remote)  # type: ignore[arg-type]
                 self._end_remote_links(remote)
             for connection in [c for c in self._waiting if c.waiting_for.shard == shard]:  # type: ignore[union-attr]
-                self._stop_waiting(connection, self._clock)
+                self._stop_waiting(connection, now)
 
-    def _renew_after_own_drop(self) -> None:
+    def _renew_after_own_drop(self, now: float) -> None:
         """The coordinator took us for dead (silent too long: SIGSTOP, a stalled
         host) and dropped our keys; the other shards ended their links to our
         clients. Our side of each link ends too, and is UNLINKed on the bus for
@@ -1204,11 +1200,13 @@ class RelayServer:
         # An answer to a WANT sent before the drop names the old epoch: it
         # would never arrive, so do not wait for it.
         for connection in list(self._waiting):
-            self._stop_waiting(connection, self._clock)
+            self._stop_waiting(connection, now)
 
     def reset_directory(
         self,
         entries: list[tuple[bytes, ShardId, Epoch]],
+        now: float,
+        *,
         merge: bool = False,
         request: int | None = None,
     ) -> None:
@@ -1259,7 +1257,7 @@ class RelayServer:
             for remote in [r for r in self._remote_links if r not in live]:
                 self._end_remote_links(remote)
             if dropped:
-                self._renew_after_own_drop()
+                self._renew_after_own_drop(now)
             else:
                 # Our confirmed keys that the map lacks register again: a no-op
                 # if their REGISTER is still on its way, and needed if they were
@@ -1272,29 +1270,30 @@ class RelayServer:
         for public_key, remote in snapshot.items():
             if self.directory.get(public_key) != remote:
                 self._apply_map_update(
-                    (MapUpdate.SET, public_key, remote.shard, remote.epoch, None, None)
+                    (MapUpdate.SET, public_key, remote.shard, remote.epoch, None, None), now
                 )
         self._settle()
 
-    def _note_dead(self, remote: RemotePeer) -> None:
+    def _note_dead(self, remote: RemotePeer, now: float) -> None:
         """The map says ``remote`` was replaced or has ended: refuse its link
         messages for DEAD_EPOCH_MEMORY seconds (see there)."""
         dead = self._dead
         dead.pop(remote, None)
-        dead[remote] = self._clock + DEAD_EPOCH_MEMORY
+        dead[remote] = now + DEAD_EPOCH_MEMORY
         if len(dead) > MAX_DEAD_EPOCHS:
             del dead[next(iter(dead))]
 
-    def _doom(self, remote: RemotePeer) -> None:
+    def _doom(self, remote: RemotePeer, now: float) -> None:
         """The map says ``remote`` is gone. Its own shard sends UNLINK over the
         bus, ordered after the data it relayed just before; the map update may
         overtake both, so links to it end only if still there after a grace
         period (a backup for an UNLINK the bus dropped)."""
         if remote in self._remote_links:
-            self._doomed[remote] = self._clock + UNLINK_GRACE
+            self._doomed[remote] = now + UNLINK_GRACE
 
-    def set_peer_shards(self, shards: list[ShardId]) -> None:
-        """The live shards of the cluster, as the coordinator last listed them."""
+    def set_peer_shards(self, shards: list[ShardId], now: float) -> None:
+        """The live shards of the cluster, as the coordinator last listed them
+        (``now`` as for every input; nothing here depends on it yet)."""
         self.peer_shards = {shard for shard in shards if shard != self.shard}
 
     def _send_link(self, kind: Link, from_pk: bytes, from_epoch: Epoch, to: RemotePeer) -> None:

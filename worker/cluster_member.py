@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordinator.client import CoordinatorClient, ReplicaHandler
+from coordinator.client import CoordinatorClient, CoordinatorHandler
 from relaycore.shardlink import MapUpdate
 from worker.bus import PeerBus
 from worker.reporting import StatsReporter, shard_report
@@ -18,7 +18,7 @@ from worker.shard import Shard
 CLOSE_LINGER_MS = 1000  # bounded wait for the last messages at shutdown
 
 
-class ClusterMember(ReplicaHandler):
+class ClusterMember(CoordinatorHandler):
     def __init__(self, shard: Shard, runtime_dir: Path) -> None:
         server = shard.server
         assert server.shard is not None, "a cluster member needs RelayServer(shard=...)"
@@ -45,7 +45,7 @@ class ClusterMember(ReplicaHandler):
 
     def _after_flush(self) -> None:
         server = self.server
-        bus = server.take_bus()
+        bus = server.take_bus(self.shard.loop.time())
         if bus:
             self.bus.send(bus)
         registry = server.take_registry()
@@ -64,9 +64,9 @@ class ClusterMember(ReplicaHandler):
                 self.shard.check_core()
         self.shard.flush()
 
-    # ReplicaHandler
-    def apply_map_update(self, update: tuple) -> None:
-        self.server.apply_map_update(update)
+    # CoordinatorHandler
+    def apply_map_update(self, update: tuple, now: float) -> None:
+        self.server.apply_map_update(update, now)
         if update[0] == MapUpdate.DROP_SHARD:
             _, shard, exited = update
             # Only a shard whose process is gone is forgotten: one dropped for
@@ -74,8 +74,8 @@ class ClusterMember(ReplicaHandler):
             if exited and shard != self.server.shard:
                 self.bus.forget(shard)
 
-    def reset_directory(self, entries: list, merge: bool, request: int | None) -> None:
-        self.server.reset_directory(entries, merge=merge, request=request)
+    def reset_directory(self, entries: list, merge: bool, request: int | None, now: float) -> None:
+        self.server.reset_directory(entries, now, merge=merge, request=request)
 
     def snapshot_requested(self, request: int, events_delivered: bool) -> None:
         self.server.snapshot_requested(request, events_delivered)
@@ -83,8 +83,8 @@ class ClusterMember(ReplicaHandler):
     def registrations(self) -> list[tuple[bytes, int]]:
         return self.server.registrations()
 
-    def set_peer_shards(self, shards: list[int]) -> None:
-        self.server.set_peer_shards(shards)
+    def set_peer_shards(self, shards: list[int], now: float) -> None:
+        self.server.set_peer_shards(shards, now)
 
     def after_input(self) -> None:
         self.shard.flush()

@@ -9,8 +9,10 @@ with FIFO channels:
   snapshot requests, behind the events as on the worker's one DEALER);
 * map-update channel, coordinator -> each shard (sequenced SET / DEL /
   DROP_SHARD, and heartbeats: live shards for ``set_peer_shards`` and the
-  last sequence number); the shard side follows coordinator/client.py (apply
-  in sequence; a gap buffers and fetches a snapshot, ``reset_directory``);
+  last sequence number), as the coordinator publishes them; each shard's
+  side is the real ``coordinator.replica.Replica`` (apply in sequence; a gap
+  buffers and fetches a snapshot, ``reset_directory``; a coordinator restart
+  re-registers and merges), as the worker's CoordinatorClient drives it;
 * snapshot channel, coordinator -> a shard that asked;
 * bus channel per ordered pair of shards (WANT, LINKED, NOLINK, UNLINK, DATA,
   OOB); a dead worker's messages already on the bus stay in flight, those
@@ -51,6 +53,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coordinator.directory import Directory
+from coordinator.replica import Replica, Reregister, SnapshotRequest
 from relaycore.client import ClientConnection
 from relaycore.crypto import public_key_of
 from relaycore.errors import ProtocolViolation
@@ -397,15 +400,15 @@ class SimulatedCluster(_Driver):
         self.positions: list[int] = []
         # REGISTER / UNREGISTER events, and ("SNAPSHOT", request) requests, in order
         self.registry: dict[int, deque[tuple]] = {}
-        # (sequence, update), or (None, (live shard ids, sequence)): a heartbeat
-        self.updates: dict[int, deque[tuple[int | None, object]]] = {}
-        self.snapshots: dict[int, deque[tuple[int, list, int]]] = {}  # replies to requests
-        self.applied: dict[int, int] = {}  # last sequence applied, per shard
-        self.syncing: dict[int, list[tuple[int, tuple]]] = {}  # shard -> buffered updates
+        # The coordinator's publications: ["u", incarnation, [[sequence, update]]]
+        # (one update each) and heartbeats ["hb", incarnation, sequence, live shards]
+        self.updates: dict[int, deque[list]] = {}
+        # ["snapshot", incarnation, sequence, entries, request]
+        self.snapshots: dict[int, deque[list]] = {}
+        self.replicas: dict[int, Replica] = {}  # each shard's side, the real one
+        self.coordinator = 1  # its incarnation (a restart makes a new one)
         self.announced: set[int] = set()  # live shards, as the heartbeat lists them
         self.lost_updates = 0
-        self.resyncs = 0
-        self.snapshot_requests = 0
         self.bus: dict[tuple[int, int], deque[tuple]] = {}
         self.deliveries = 0
         self.delivered: Counter[str] = Counter()  # per message kind (coverage)
@@ -429,17 +432,40 @@ class SimulatedCluster(_Driver):
         self.updates[shard] = deque()
         self.snapshots[shard] = deque()
         self.announced.add(shard)
-        sequence, entries = self.directory.snapshot()
-        server.reset_directory(entries)
-        self.applied[shard] = sequence
+        replica = self.replicas[shard] = Replica(_ReplicaSide(self, server))
+        # The worker reads its first snapshot before it serves clients.
+        replica.start(self.now)
+        [request] = replica.take_requests()
+        assert isinstance(request, SnapshotRequest)
+        server.snapshot_requested(request.number)
+        replica.snapshot(self._snapshot_reply(request.number), self.now)
         return shard
+
+    def _snapshot_reply(self, request: int) -> list:
+        sequence, entries = self.directory.snapshot()
+        return ["snapshot", self.coordinator, sequence, entries, request]
+
+    @property
+    def resyncs(self) -> int:
+        """Snapshots fetched after the first one, over every live shard."""
+        return sum(replica.resyncs - 1 for replica in self.replicas.values())
+
+    def _send_requests(self, shard: int) -> None:
+        """What the shard's replica asks for goes on its registry channel, in
+        order, as CoordinatorClient sends it on its DEALER."""
+        for request in self.replicas[shard].take_requests():
+            if isinstance(request, Reregister):
+                self.registry[shard].extend(request.events)
+            elif isinstance(request, SnapshotRequest):
+                self.servers[shard].snapshot_requested(request.number)
+                self.registry[shard].append(("SNAPSHOT", request.number))
 
     def _announce_shards(self) -> None:
         """The coordinator's heartbeat: the live shards (peer_shards) and the
         last sequence number (a replica that missed the last update resyncs)."""
-        heartbeat = (sorted(self.announced), self.directory.sequence)
+        heartbeat = ["hb", self.coordinator, self.directory.sequence, sorted(self.announced)]
         for queue in self.updates.values():
-            queue.append((None, heartbeat))
+            queue.append(heartbeat)
 
     def _server_of_shard(self, shard: int) -> RelayServer:
         return self.servers[self.positions[shard]]
@@ -471,64 +497,27 @@ class SimulatedCluster(_Driver):
         if kind == "registry":
             assert isinstance(address, int)
             if message[0] == "SNAPSHOT":
-                self.snapshots[address].append((*self.directory.snapshot(), message[1]))
+                self.snapshots[address].append(self._snapshot_reply(message[1]))
                 return True
             if address not in self.announced:  # a dropped shard speaks again
                 self.announced.add(address)
                 self._announce_shards()
             self._publish(self.directory.apply_event(address, message))
-        elif kind == "update":
+        elif kind == "update" or kind == "snapshot":
             assert isinstance(address, int)
-            server = self.servers[address]
-            sequence, update = message
-            if sequence is None:
-                live, last = update  # type: ignore[misc]
-                server.set_peer_shards(live)
-                if last > self.applied[address]:  # coordinator/client.py: missed updates
-                    self._resync(address)
-            elif address in self.syncing:
-                self.syncing[address].append((sequence, update))  # type: ignore[arg-type]
+            replica = self.replicas[address]
+            if kind == "update":
+                replica.publication(message, self.now)
             else:
-                self._apply_updates(address, [(sequence, update)])  # type: ignore[list-item]
-            self._pump(server)
-        elif kind == "snapshot":
-            assert isinstance(address, int)
-            server = self.servers[address]
-            sequence, entries, request = message
-            server.reset_directory(entries, request=request)  # Clone: replaces the replica
-            self.applied[address] = sequence
-            self._apply_updates(address, self.syncing.pop(address, []))
-            self._pump(server)
+                replica.snapshot(message, self.now)
+            self._send_requests(address)
+            self._pump(self.servers[address])
         else:
             source, destination = address  # type: ignore[misc]
             server = self.servers[destination]
             server.receive_link(source, message, self.now)
             self._pump(server)
         return True
-
-    def _apply_updates(self, shard: int, updates: list[tuple[int, tuple]]) -> None:
-        """coordinator/client.py ``_apply``: in sequence; a gap resyncs."""
-        server = self.servers[shard]
-        for index, (sequence, update) in enumerate(updates):
-            if sequence <= self.applied[shard]:
-                continue
-            if sequence != self.applied[shard] + 1:
-                self._resync(shard, updates[index:])
-                return
-            self.applied[shard] = sequence
-            server.apply_map_update(update)  # (own DROP_SHARD: new epochs, REGISTERs)
-
-    def _resync(self, shard: int, buffered: list[tuple[int, tuple]] = ()) -> None:  # type: ignore[assignment]
-        """Ask for a snapshot (on the events' channel, so after our events) and
-        buffer the updates until it comes."""
-        if shard in self.syncing:
-            self.syncing[shard].extend(buffered)
-            return
-        self.resyncs += 1
-        self.syncing[shard] = list(buffered)
-        self.snapshot_requests += 1  # (numbered as coordinator/client.py does)
-        self.servers[shard].snapshot_requested(self.snapshot_requests)
-        self.registry[shard].append(("SNAPSHOT", self.snapshot_requests))
 
     def quiesce(self, chooser: Chooser = lambda options: 0) -> int:
         """Deliver, in the order ``chooser`` picks, until nothing is in flight;
@@ -544,17 +533,19 @@ class SimulatedCluster(_Driver):
 
     def _publish(self, updates: list[tuple[int, tuple]]) -> None:
         for queue in self.updates.values():
-            queue.extend(updates)
+            queue.extend(
+                ["u", self.coordinator, [[sequence, update]]] for sequence, update in updates
+            )
 
     def _after_call(self, server: RelayServer) -> None:
         shard = server.shard
         assert shard is not None
         if self.servers.get(shard) is not server:
             server.take_registry()  # a dead worker: its output is lost
-            server.take_bus()
+            server.take_bus(self.now)
             return
         self.registry[shard].extend(server.take_registry())
-        for destination, message in server.take_bus():
+        for destination, message in server.take_bus(self.now):
             # Same-shard links never touch the bus (docs/architecture.md).
             assert destination != shard, (shard, message)
             if destination in self.servers:  # a PUSH to a dead worker goes nowhere
@@ -582,8 +573,8 @@ class SimulatedCluster(_Driver):
         """The map update at the head of position ``shard``'s channel is lost
         (PUB/SUB past its high-water mark); False if there was none."""
         queue = self.updates[self.positions[shard]]
-        for index, (sequence, _) in enumerate(queue):
-            if sequence is not None:
+        for index, message in enumerate(queue):
+            if message[0] == "u":
                 del queue[index]
                 self.lost_updates += 1
                 return True
@@ -609,8 +600,7 @@ class SimulatedCluster(_Driver):
                 record.closed = True
                 record.close_reason = "worker_crash"
                 record.closed_at = self.step
-        del self.registry[dead], self.updates[dead], self.applied[dead], self.snapshots[dead]
-        self.syncing.pop(dead, None)
+        del self.registry[dead], self.updates[dead], self.replicas[dead], self.snapshots[dead]
         self.announced.discard(dead)
         for pair in [pair for pair in self.bus if pair[1] == dead]:
             del self.bus[pair]
@@ -620,13 +610,34 @@ class SimulatedCluster(_Driver):
         self._pump(self.servers[self.positions[shard]])
 
 
+class _ReplicaSide:
+    """The shard's side of its replica (worker/cluster_member.py's role): the
+    map updates go to the relay table at the simulation's time."""
+
+    def __init__(self, cluster: SimulatedCluster, server: RelayServer) -> None:
+        self.cluster = cluster
+        self.server = server
+
+    def apply_map_update(self, update: tuple, now: float) -> None:
+        self.server.apply_map_update(update, now)  # (own DROP_SHARD: new epochs, REGISTERs)
+
+    def reset_directory(self, entries: list, merge: bool, request: int | None, now: float) -> None:
+        self.server.reset_directory(entries, now, merge=merge, request=request)
+
+    def registrations(self) -> list[tuple[bytes, int]]:
+        return self.server.registrations()
+
+    def set_peer_shards(self, shards: list[int], now: float) -> None:
+        self.server.set_peer_shards(shards, now)
+
+
 def _kind_name(channel: str, message: tuple) -> str:
     if channel == "snapshot" or message[0] == "SNAPSHOT":
         return "SNAPSHOT"
     if channel == "registry":
         return Registry(message[0]).name
     if channel == "update":
-        return "PEERS" if message[0] is None else MapUpdate(message[1][0]).name
+        return "PEERS" if message[0] == "hb" else MapUpdate(message[2][0][1][0]).name
     return Link(message[0]).name
 
 

@@ -340,7 +340,7 @@ def test_r_fwd_6_over_long_reply_for_another_shard_never_reaches_the_bus() -> No
     [datagram] = asking.server.take_datagrams()
     other = _shard(2)
     other.receive_datagram(b"\x92\x2d" + datagram.data[2:47] + bytes(2002), 100.5)
-    assert other.take_bus() == []
+    assert other.take_bus(100.5) == []
     assert other.stats["dropped.datagram_too_long"] == 1
 
 
@@ -433,21 +433,21 @@ def test_secrets_derive_distinct_keys_and_need_32_bytes() -> None:
 
 def _shard(shard: int) -> RelayServer:
     server = RelayServer(bytes(range(32)), shard=shard, incarnation=shard, onion_secrets=SECRETS)
-    server.set_peer_shards([1, 2])
+    server.set_peer_shards([1, 2], 0.0)
     return server
 
 
 def test_reply_for_another_shard_crosses_the_bus_and_is_delivered_there() -> None:
     asking = Network(LOOPBACK_HOPS, onion_secrets=SECRETS, now=100.0, shard=1)
-    asking.server.set_peer_shards([2])
+    asking.server.set_peer_shards([2], 100.0)
     a = asking.connect("a")
     asking.send_plain("a", onion_plain(300))
     [datagram] = asking.server.take_datagrams()
-    asking.server.take_bus()
+    asking.server.take_bus(100.0)
     # The reply lands on shard 2's UDP socket.
     other = _shard(2)
     other.receive_datagram(reply_to(datagram, b"\x84crossed"), 100.5)
-    [(destination, message)] = other.take_bus()
+    [(destination, message)] = other.take_bus(100.5)
     assert destination == 1 and message[0] == Link.REPLY
     asking.server.receive_link(2, message, 100.6)
     asking.pump()
@@ -458,9 +458,9 @@ def test_reply_for_a_shard_that_is_gone_is_dropped() -> None:
     asking = RelayServer(bytes(range(32)), shard=7, incarnation=7, onion_secrets=SECRETS)
     block = seal_return_block(asking._current_return_keys(5.0)[0], bytes(24), ReturnPath(7, 99))
     other = _shard(2)
-    other.apply_map_update((MapUpdate.DROP_SHARD, 7, True))  # shard 7 exited
+    other.apply_map_update((MapUpdate.DROP_SHARD, 7, True), 5.0)  # shard 7 exited
     other.receive_datagram(b"\x8e" + block + b"\x84x", 5.0)
-    assert other.take_bus() == []
+    assert other.take_bus(100.5) == []
     assert other.stats["dropped.reply_stale"] == 1
 
 
@@ -471,7 +471,7 @@ def test_reply_for_a_shard_not_yet_listed_still_crosses() -> None:
     block = seal_return_block(asking._current_return_keys(5.0)[0], bytes(24), ReturnPath(9, 1))
     other = RelayServer(bytes(range(32)), shard=2, incarnation=2, onion_secrets=SECRETS)
     other.receive_datagram(b"\x8e" + block + b"\x84x", 5.0)
-    assert other.take_bus() == [(9, (Link.REPLY, 1, b"\x09\x84x"))]
+    assert other.take_bus(100.5) == [(9, (Link.REPLY, 1, b"\x09\x84x"))]
 
 
 # ----------------------------------------------------------------------
@@ -510,7 +510,7 @@ def test_answers_follow_a_connection_whose_epoch_was_renewed() -> None:
     net = Network(LOOPBACK_HOPS, onion_secrets=SECRETS, now=100.0, shard=1)
     a = net.connect("a")
     old_epoch = a.connection.epoch
-    net.server.apply_map_update((MapUpdate.DROP_SHARD, 1, False))
+    net.server.apply_map_update((MapUpdate.DROP_SHARD, 1, False), net.now)
     assert a.connection.epoch != old_epoch
     net.send_plain("a", onion_plain(300))
     [datagram] = net.server.take_datagrams()

@@ -182,7 +182,7 @@ def test_the_coordinator_reader_skips_a_message_that_raises(tmp_path: Path) -> N
         replica = RecordingHandler()
         applied: list[tuple] = []
 
-        def apply(update: tuple) -> None:
+        def apply(update: tuple, now: float) -> None:
             if update[1] == b"bad":
                 raise RuntimeError("injected")
             applied.append(update)
@@ -238,9 +238,11 @@ def test_a_waiting_connection_is_not_read_and_is_read_again_when_answered() -> N
         async with live_relay() as relay:
             server = relay.shard.server
             server.clustered, server.shard = True, 1  # a shard of a cluster, no bus
-            server.set_peer_shards([2])
+            server.set_peer_shards([2], relay.shard.loop.time())
             remote = bytes(range(32))
-            server.apply_map_update((MapUpdate.SET, remote, 2, 2 << 32 | 1, None, None))
+            server.apply_map_update(
+                (MapUpdate.SET, remote, 2, 2 << 32 | 1, None, None), relay.shard.loop.time()
+            )
             a = await relay.client()
             a.route_request(remote)
             assert (await a.expect(RoutingResponse)).connection_id == 16
