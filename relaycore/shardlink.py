@@ -35,6 +35,7 @@ dropped a shard that fell silent (it may be alive, e.g. SIGSTOPped, and
 speak again with the same id).
 """
 
+from dataclasses import dataclass
 from enum import IntEnum
 
 ShardId = int
@@ -72,3 +73,12 @@ class MapUpdate(IntEnum):
     SET = 1
     DEL = 2
     DROP_SHARD = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RemotePeer:
+    """The far end of a link to a client on another shard."""
+
+    shard: ShardId
+    public_key: bytes
+    epoch: Epoch

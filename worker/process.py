@@ -143,7 +143,7 @@ async def serve_until_stopped(
                 "shard %d has %d epochs left: exiting so that the supervisor starts a fresh "
                 "shard (an epoch must never reach another shard's)",
                 cluster.shard_id,
-                shard.server.epochs_left,
+                shard.server.cluster.epochs_left,
             )
             stopping.set()
 

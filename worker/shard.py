@@ -272,13 +272,7 @@ class Shard:
         self.loop = loop
         self.tick_interval = tick_interval
         self.options = options
-        self.server = RelayServer(
-            secret_key,
-            options,
-            shard=shard_id,
-            incarnation=shard_id or 0,
-            onion_secrets=onion_secrets,
-        )
+        self.server = RelayServer(secret_key, options, shard=shard_id, onion_secrets=onion_secrets)
         self._udp: asyncio.DatagramTransport | None = None
         self._udp_is_v6 = False
         self._servers: list[asyncio.AbstractServer] = []
@@ -308,7 +302,7 @@ class Shard:
         own = host_addresses() | bound_addresses(
             sockets + ([udp_socket] if udp_socket is not None else [])
         )
-        self.server.next_hops = NextHopPolicy(
+        self.server.first_hop.next_hops = NextHopPolicy(
             self.options.allow_private_next_hops,
             own,
             [udp_socket.getsockname()[1]] if udp_socket is not None else [],
@@ -340,7 +334,7 @@ class Shard:
             outbox.clear()
             connection.outbox_size = 0
             connection.transport_backlog = transport.get_write_buffer_size()  # type: ignore[attr-defined]
-        if server.datagrams:
+        if server.first_hop.datagrams:
             self._send_datagrams(server.take_datagrams())
         if self.after_flush is not None:
             self.after_flush()
@@ -419,7 +413,7 @@ class Shard:
         if self._tick_failures >= MAX_TICK_FAILURES:
             self.on_broken(f"the timer failed {self._tick_failures} times in a row")
         self.check_core()
-        if self.on_epochs_low is not None and self.server.epochs_left < EPOCH_RENEW_MARGIN:
+        if self.on_epochs_low is not None and self.server.cluster.epochs_left < EPOCH_RENEW_MARGIN:
             on_epochs_low, self.on_epochs_low = self.on_epochs_low, None
             on_epochs_low()
 

@@ -1,6 +1,6 @@
 """An N-shard relay cluster in one process, and the one-server reference.
 
-``SimulatedCluster(n_shards)`` wires N ``RelayServer(shard=i, incarnation=i)``
+``SimulatedCluster(n_shards)`` wires N ``RelayServer(shard=i)``
 shards (shard ids 1..N; a restarted worker is a new shard id, as
 docs/architecture.md builds it) and one ``coordinator.directory.Directory``
 with FIFO channels:
@@ -69,8 +69,8 @@ from relaycore.packets import (
     RoutingRequest,
     RoutingResponse,
 )
-from relaycore.relay import ConnectionState, RelayServer, RemotePeer, ServerConnection, SlotState
-from relaycore.shardlink import Link, MapUpdate, Registry
+from relaycore.relay import ConnectionState, RelayServer, ServerConnection, SlotState
+from relaycore.shardlink import Link, MapUpdate, Registry, RemotePeer
 from tests.relaycore.harness import SERVER_SK, CountingRandom, secret_key_for
 
 # The core keeps connections in sets (``_wanting``, ``_remote_links``,
@@ -425,7 +425,6 @@ class SimulatedCluster(_Driver):
             OPTIONS,
             random_bytes=CountingRandom(),
             shard=shard,
-            incarnation=shard,
         )
         self.servers[shard] = server
         self.registry[shard] = deque()
@@ -437,7 +436,7 @@ class SimulatedCluster(_Driver):
         replica.start(self.now)
         [request] = replica.take_requests()
         assert isinstance(request, SnapshotRequest)
-        server.snapshot_requested(request.number)
+        server.cluster.snapshot_requested(request.number)
         replica.snapshot(self._snapshot_reply(request.number), self.now)
         return shard
 
@@ -457,7 +456,7 @@ class SimulatedCluster(_Driver):
             if isinstance(request, Reregister):
                 self.registry[shard].extend(request.events)
             elif isinstance(request, SnapshotRequest):
-                self.servers[shard].snapshot_requested(request.number)
+                self.servers[shard].cluster.snapshot_requested(request.number)
                 self.registry[shard].append(("SNAPSHOT", request.number))
 
     def _announce_shards(self) -> None:
@@ -515,7 +514,7 @@ class SimulatedCluster(_Driver):
         else:
             source, destination = address  # type: ignore[misc]
             server = self.servers[destination]
-            server.receive_link(source, message, self.now)
+            server.cluster.receive_link(source, message, self.now)
             self._pump(server)
         return True
 
@@ -541,11 +540,11 @@ class SimulatedCluster(_Driver):
         shard = server.shard
         assert shard is not None
         if self.servers.get(shard) is not server:
-            server.take_registry()  # a dead worker: its output is lost
-            server.take_bus(self.now)
+            server.cluster.take_registry()  # a dead worker: its output is lost
+            server.cluster.take_bus(self.now)
             return
-        self.registry[shard].extend(server.take_registry())
-        for destination, message in server.take_bus(self.now):
+        self.registry[shard].extend(server.cluster.take_registry())
+        for destination, message in server.cluster.take_bus(self.now):
             # Same-shard links never touch the bus (docs/architecture.md).
             assert destination != shard, (shard, message)
             if destination in self.servers:  # a PUSH to a dead worker goes nowhere
@@ -619,16 +618,16 @@ class _ReplicaSide:
         self.server = server
 
     def apply_map_update(self, update: tuple, now: float) -> None:
-        self.server.apply_map_update(update, now)  # (own DROP_SHARD: new epochs, REGISTERs)
+        self.server.cluster.apply_map_update(update, now)  # (own DROP_SHARD: new epochs, REGISTERs)
 
     def reset_directory(self, entries: list, merge: bool, request: int | None, now: float) -> None:
-        self.server.reset_directory(entries, now, merge=merge, request=request)
+        self.server.cluster.reset_directory(entries, now, merge=merge, request=request)
 
     def registrations(self) -> list[tuple[bytes, int]]:
-        return self.server.registrations()
+        return self.server.cluster.registrations()
 
     def set_peer_shards(self, shards: list[int], now: float) -> None:
-        self.server.set_peer_shards(shards, now)
+        self.server.cluster.set_peer_shards(shards, now)
 
 
 def _kind_name(channel: str, message: tuple) -> str:
@@ -733,8 +732,8 @@ def link_problems(cluster: SimulatedCluster) -> list[str]:
         if mine != confirmed:
             problems.append(f"shard {shard}: confirmed {_names(confirmed)}, map {_names(mine)}")
         replica = {k: RemotePeer(s, k, e) for k, (s, e) in entries.items() if s != shard}
-        if server.directory != replica:
-            problems.append(f"shard {shard}: replica {server.directory} != map {replica}")
+        if server.cluster.directory != replica:
+            problems.append(f"shard {shard}: replica {server.cluster.directory} != map {replica}")
         remote_links: dict[RemotePeer, set[ServerConnection]] = {}
         wanting: dict[bytes, set[ServerConnection]] = {}
         for connection in server.by_key.values():
@@ -760,10 +759,10 @@ def link_problems(cluster: SimulatedCluster) -> list[str]:
                         problems.append(f"{where}: both sides requested, never linked")
             if len(connection.slot_of_key) != sum(s is not None for s in connection.slots):
                 problems.append(f"{who}: slot_of_key has stale keys")
-        indexed = {r: c for r, c in server._remote_links.items() if c}
+        indexed = {r: c for r, c in server.cluster._remote_links.items() if c}
         if indexed != remote_links:
             problems.append(f"shard {shard}: _remote_links {indexed} != slots {remote_links}")
-        if server._wanting != wanting:
+        if server.cluster._wanting != wanting:
             problems.append(f"shard {shard}: _wanting out of step with the slots")
     return problems
 

@@ -102,8 +102,8 @@ class ConcurrentClusterModel(ClusterModel):
             if view != table:
                 problems.append(f"{record!r}: client's view {view}, server's slots {table}")
         for shard, server in sorted(cluster.servers.items()):
-            if server._waiting:
-                problems.append(f"shard {shard}: still waiting {server._waiting}")
+            if server.cluster._waiting:
+                problems.append(f"shard {shard}: still waiting {server.cluster._waiting}")
         assert not problems, "\n".join(problems)
 
     def _check(self) -> None:

@@ -120,13 +120,13 @@ class Network:
         onion_secrets: OnionSecrets | None = None,
         shard: int | None = None,
     ) -> None:
-        """``shard``: make the server that shard of a cluster (incarnation = shard)."""
+        """``shard``: make the server that shard of a cluster (its epochs' high 32 bits)."""
         self.random = CountingRandom()
         extra: dict[str, object] = {"random_bytes": random_bytes or self.random}
         if onion_secrets is not None:
             extra["onion_secrets"] = onion_secrets
         if shard is not None:
-            extra.update(shard=shard, incarnation=shard)
+            extra["shard"] = shard
         if keypair is not None:
             extra["keypair"] = keypair
         self.server = RelayServer(server_sk, options, **extra)  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ import zmq
 from coordinator.client import CoordinatorClient
 from coordinator.service import pack, router_endpoint, updates_endpoint
 from relaycore.constants import PacketId
+from relaycore.crossshard import CrossShard
 from relaycore.packets import DisconnectNotification, Ping, Pong, RoutingResponse
 from relaycore.relay import FRAMES_PER_RECEIVE, MAX_HELD_INPUT, ConnectionState
 from relaycore.shardlink import Link, MapUpdate
@@ -237,10 +238,11 @@ def test_a_waiting_connection_is_not_read_and_is_read_again_when_answered() -> N
     async def scenario() -> None:
         async with live_relay() as relay:
             server = relay.shard.server
-            server.clustered, server.shard = True, 1  # a shard of a cluster, no bus
-            server.set_peer_shards([2], relay.shard.loop.time())
+            server.shard = 1  # a shard of a cluster, no bus
+            server.cluster = CrossShard(server, 1)
+            server.cluster.set_peer_shards([2], relay.shard.loop.time())
             remote = bytes(range(32))
-            server.apply_map_update(
+            server.cluster.apply_map_update(
                 (MapUpdate.SET, remote, 2, 2 << 32 | 1, None, None), relay.shard.loop.time()
             )
             a = await relay.client()
@@ -257,7 +259,9 @@ def test_a_waiting_connection_is_not_read_and_is_read_again_when_answered() -> N
             assert connection.channel.buffered <= MAX_HELD_INPUT  # type: ignore[union-attr]
             assert a.transport.get_write_buffer_size() > 1 << 20  # the client is held back
             epoch = connection.epoch
-            server.receive_link(2, (Link.NOLINK, remote, 2 << 32 | 1, a.public_key, epoch), 0)
+            server.cluster.receive_link(
+                2, (Link.NOLINK, remote, 2 << 32 | 1, a.public_key, epoch), 0
+            )
             relay.shard.flush()
             for _ in range(8 * 1024):
                 assert await a.expect(Pong) == Pong(b"12345678")
