@@ -7,10 +7,17 @@ asks for a snapshot, and applies the updates that follow it in sequence:
   buffers what comes and asks for a new snapshot, which replaces the replica;
 * a new coordinator incarnation (a restart, whose map starts empty) makes the
   shard register every live client again, then merges the new snapshot into
-  the replica without ending any link (it may still be filling up);
+  the replica without ending any link (it may still be filling up); once
+  every shard has had time to register again (MERGE_CHECK_DELAY), a full
+  snapshot replaces the replica: an entry that no shard registered again
+  (its client left while the coordinator was away, and no DEL will ever
+  say so) goes, and links to it end;
 * snapshot requests are numbered, so that the shard knows which of its own
   REGISTERs a snapshot reflects (R-CONF-3 after a gap: see
-  ``RelayServer.snapshot_requested``);
+  ``CrossShard.snapshot_requested``), and only the answer to the latest one
+  is used: an earlier answer read after updates that followed it would roll
+  the replica back and lose them, and one answering a request made before a
+  coordinator restart would replace, not merge;
 * a snapshot not answered within SNAPSHOT_RETRY is asked for again: a replica
   must never stay "syncing".
 
@@ -35,6 +42,10 @@ MAX_BUFFERED_UPDATES = 200_000
 # A snapshot request not answered within this (it could not be sent, or the
 # answer was lost) is made again.
 SNAPSHOT_RETRY = 3.0  # seconds
+# Seconds after a merged snapshot (coordinator restart) until the full one
+# that drops what nobody registered again. Shards register again as soon as
+# they read the new coordinator's first heartbeat, which all get at once.
+MERGE_CHECK_DELAY = 3.0
 
 
 class ReplicaHandler(Protocol):
@@ -77,8 +88,10 @@ class Replica:
         self.syncing = False
         self.merge_next_snapshot = False
         self.resyncs = 0
+        self.stale_snapshots = 0  # answers to a request that a later one replaced
         self.snapshot_requests = 0  # the number of the last snapshot request
         self._snapshot_asked_at = 0.0
+        self._check_merge_at: float | None = None  # when the full snapshot is due
         self._buffered: list[tuple[int, tuple]] = []
         self._requests: list[Request] = []
 
@@ -92,9 +105,14 @@ class Replica:
         return requests
 
     def timer(self, now: float) -> None:
-        """About once a second: ask again for a snapshot not answered in time."""
-        if self.syncing and now - self._snapshot_asked_at > SNAPSHOT_RETRY:
-            log.warning("no snapshot %d yet: asking again", self.snapshot_requests)
+        """About once a second: ask again for a snapshot not answered in time;
+        the full snapshot due after a merge."""
+        if self.syncing:
+            if now - self._snapshot_asked_at > SNAPSHOT_RETRY:
+                log.warning("no snapshot %d yet: asking again", self.snapshot_requests)
+                self._request_snapshot(False, now)
+        elif self._check_merge_at is not None and now >= self._check_merge_at:
+            log.info("coordinator restarted %.0f s ago: full snapshot", MERGE_CHECK_DELAY)
             self._request_snapshot(False, now)
 
     def publication(self, message: list, now: float) -> None:
@@ -126,9 +144,12 @@ class Replica:
         _, incarnation, sequence, entries, request = message
         if self._coordinator_seen(incarnation, now):
             return  # a fresher snapshot is on its way
-        self.handler.reset_directory(
-            [tuple(entry) for entry in entries], self.merge_next_snapshot, request, now
-        )
+        if not self.syncing or request != self.snapshot_requests:
+            self.stale_snapshots += 1  # the latest request's answer follows
+            return
+        merge = self.merge_next_snapshot
+        self.handler.reset_directory([tuple(entry) for entry in entries], merge, request, now)
+        self._check_merge_at = now + MERGE_CHECK_DELAY if merge else None
         self.merge_next_snapshot = False
         self.syncing = False
         self.last_sequence = sequence

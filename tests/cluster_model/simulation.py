@@ -20,8 +20,10 @@ with FIFO channels:
 
 Faults: ``crash`` (a worker dies; DROP_SHARD; a new worker with a new id),
 ``stall`` (the coordinator drops a live worker; it sees its own DROP_SHARD,
-gives its clients new epochs and registers them again) and
-``lose_update`` (one map update to one worker is lost).
+gives its clients new epochs and registers them again), ``lose_update`` (one
+map update to one worker is lost: a gap, a snapshot) and
+``restart_coordinator`` (a new coordinator with an empty map: every replica
+registers its clients again and merges the new snapshot).
 
 Nothing moves by itself: ``deliver_one(choice)`` delivers the head of one
 non-empty channel picked by the caller, so a test chooses any interleaving
@@ -409,6 +411,7 @@ class SimulatedCluster(_Driver):
         self.coordinator = 1  # its incarnation (a restart makes a new one)
         self.announced: set[int] = set()  # live shards, as the heartbeat lists them
         self.lost_updates = 0
+        self.coordinator_restarts = 0
         self.bus: dict[tuple[int, int], deque[tuple]] = {}
         self.deliveries = 0
         self.delivered: Counter[str] = Counter()  # per message kind (coverage)
@@ -553,6 +556,14 @@ class SimulatedCluster(_Driver):
     def _live_servers(self) -> list[RelayServer]:
         return [server for _, server in sorted(self.servers.items())]
 
+    def tick(self, now: float) -> None:
+        """Time passes: the servers' timers, and each replica's (a snapshot not
+        answered in time, the full one after a coordinator restart's merge)."""
+        super().tick(now)
+        for shard, replica in sorted(self.replicas.items()):
+            replica.timer(now)
+            self._send_requests(shard)
+
     # -- faults ----------------------------------------------------------------
 
     def stall(self, shard: int) -> None:
@@ -578,6 +589,34 @@ class SimulatedCluster(_Driver):
                 self.lost_updates += 1
                 return True
         return False
+
+    def restart_coordinator(self) -> None:
+        """The coordinator process is replaced (docs/operations.md: the
+        supervisor restarts it): a new incarnation with an empty map. What
+        the old one had published or was answering is lost with it; what the
+        shards had queued on their DEALERs reaches the new one. Its first
+        heartbeat makes every replica register its clients again and merge
+        the new snapshot (coordinator/replica.py), no link ending."""
+        self.coordinator += 1
+        self.coordinator_restarts += 1
+        self.directory = Directory()
+        self.announced = set(self.servers)
+        for queue in (*self.updates.values(), *self.snapshots.values()):
+            queue.clear()
+        self._announce_shards()
+
+    def deliver_until(self, done: Callable[[], bool], chooser: Chooser) -> int:
+        """Deliver in the order ``chooser`` picks until ``done()`` or nothing is
+        in flight; the number of deliveries."""
+        count = 0
+        while not done():
+            pending = len(self.pending())
+            if not pending:
+                break
+            self.deliver_one(chooser(pending))
+            count += 1
+            assert count < MAX_DELIVERIES, "the cluster does not quiesce (livelock)"
+        return count
 
     def heartbeat(self) -> None:
         """The coordinator's periodic heartbeat (live shards, last sequence)."""

@@ -10,7 +10,8 @@ few deliveries only (their number and order drawn from ``schedule``); the
 lets the timers expire (unlink grace, a requester's wait for an answer) and
 quiesces again. Two more faults only make sense here: ``stall`` (a live worker
 dropped by the coordinator) and ``lose_update`` (a lost map update: gap,
-snapshot, Clone resync). Most bugs in test_regressions.py came from here.
+snapshot, Clone resync); ``restart_coordinator`` strikes at any moment here.
+Most bugs in test_regressions.py came from here.
 
 There is no serial order to compare with, so no invariant 1. Checked:
 
@@ -74,6 +75,12 @@ class ConcurrentClusterModel(ClusterModel):
         snapshot and replaces its replica (Clone pattern, coordinator/client.py)."""
         where = shard % self.n_shards
         self._run(lambda world: world.lose_update(where), schedule)
+
+    @rule(schedule=schedules)
+    def restart_coordinator(self, schedule: int) -> None:
+        """A new coordinator with an empty map, at any moment: replicas see a
+        new incarnation, register again and merge (Clone pattern)."""
+        self._run(lambda world: world.restart_coordinator(), schedule)
 
     @rule(schedule=schedules)
     def settle(self, schedule: int) -> None:

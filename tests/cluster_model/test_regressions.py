@@ -527,3 +527,64 @@ def test_shard_that_missed_its_own_drop_renews_its_epochs_after_the_resync() -> 
         model=ConcurrentClusterModel,
         pairs=[(0, 0)],
     )
+
+
+def test_oob_to_a_key_that_just_reconnected_elsewhere_reaches_it() -> None:
+    """Model (``send_to_replaced``, issue 12), R-OOB-2, invariant 1.
+
+    alice@2 reconnects on shard 1 (R-CONF-3); as soon as alice@2 is closed,
+    bob@1 sends her an OOB. Bob's shard had not read the SET yet and sent the
+    OOB to alice@2's epoch on shard 2, which dropped it as stale: one server
+    delivers it to the new alice. Fixed in ``CrossShard._on_oob``: the old
+    epoch's shard read the SET that closed it, so it forwards the OOB once to
+    the key's current connection (or delivers it, when that one is its own)."""
+    state = replay(
+        3,
+        [(ALICE, 1), (BOB, 0)],
+        (
+            "send_to_replaced",
+            {"offset": 2, "pick": 1, "request": False, "schedule": 0, "sender": 0},
+        ),
+    )
+    assert sum(s.stats["oob_forwarded"] for s in state.cluster.servers.values()) == 1
+
+
+def test_a_key_that_left_while_the_coordinator_restarted_leaves_every_replica() -> None:
+    """Concurrent model (``restart_coordinator``), the map, invariant 2.
+
+    The coordinator restarts; before the shards read its first heartbeat,
+    alice@2 closes: her UNREGISTER reaches a coordinator that never knew her
+    (no DEL), and shard 2 does not register her again. Shard 1 merged the new
+    snapshot into its replica, which only adds: alice's entry stayed there
+    for good (an OOB to her went to a dead epoch instead of being offered to
+    every shard). Fixed in ``coordinator.replica.Replica``: MERGE_CHECK_DELAY
+    after a merge, a full snapshot replaces the replica."""
+    replay(
+        2,
+        [(ALICE, 1), (BOB, 0)],
+        ("restart_coordinator", {"schedule": 0}),
+        ("end", {"how": "eof", "pick": 0, "schedule": 0}),
+        ("settle", {"schedule": 0}),
+        model=ConcurrentClusterModel,
+        pairs=[(0, 0)],
+    )
+
+
+def test_an_answer_to_an_older_snapshot_request_is_not_applied() -> None:
+    """Concurrent model (``restart_coordinator`` four times), the map.
+
+    Each restart made the replicas ask for a snapshot again; the new
+    coordinator answered the older requests too. Shard 2 merged the answer to
+    an older request, applied alice's SET, then took the answer to its latest
+    request (taken before that SET, read after it) as a full snapshot: the
+    replica went back to before the SET, which never comes again. Fixed in
+    ``coordinator.replica.Replica.snapshot``: only the answer to the latest
+    request, while syncing, is used (``stale_snapshots`` counts the rest)."""
+    replay(
+        3,
+        [(ALICE, 0), (ALICE, 2)],
+        *[("restart_coordinator", {"schedule": 0})] * 4,
+        ("settle", {"schedule": 0}),
+        model=ConcurrentClusterModel,
+        pairs=[(0, 0)],
+    )
