@@ -126,6 +126,18 @@ class ServerConnection:
     def unsent(self) -> int:
         return self.outbox_size + self.transport_backlog
 
+    def data_to_send(self) -> bytes:
+        """What to write to this connection's socket now, in order (the
+        adapter's one output call, for each connection ``take_dirty`` lists,
+        and before it closes one of ``take_closed``); empty when nothing."""
+        outbox = self.outbox
+        if not outbox:
+            return b""
+        data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+        outbox.clear()
+        self.outbox_size = 0
+        return data
+
 
 class ConnectionRefused(Exception):
     """A new connection is over a configured limit; ``reason`` names it."""

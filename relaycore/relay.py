@@ -4,8 +4,9 @@
 handshake, confirmation, the 240 routing slots, links between slots, the key
 index, pings and the output queue decisions. It is sans-IO: the adapter
 feeds it bytes with ``receive(connection, data, now)``, drives ``tick(now)``
-about once a second and, after each call, writes what ``take_output()``
-hands over per connection and closes every connection in ``take_closed()``.
+about once a second and, after each call, writes ``data_to_send()`` of every
+connection in ``take_dirty()`` and closes every connection in ``take_closed()``
+(after writing what it still has).
 While ``connection.more_input`` is set it calls ``receive(connection, b"",
 now)`` again on a later turn, and while ``connection.waiting_for`` is set it
 should stop reading that connection's socket (issue 10: bounded work per
@@ -279,7 +280,8 @@ class RelayServer:
         self.settle()
 
     def take_dirty(self) -> list[ServerConnection]:
-        """Connections with new bytes in ``outbox`` since the last call."""
+        """Connections with new output since the last call: the adapter writes
+        each one's ``data_to_send()``."""
         if self._over_limit:  # (every entry point settles; this is a backstop)
             self.settle()
         dirty, self._dirty = self._dirty, []

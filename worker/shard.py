@@ -327,12 +327,10 @@ class Shard:
         server = self.server
         for connection in server.take_dirty():
             transport = connection.handle
-            outbox = connection.outbox
-            if transport is None or not outbox:
+            data = connection.data_to_send()
+            if transport is None or not data:
                 continue
-            transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))  # type: ignore[attr-defined]
-            outbox.clear()
-            connection.outbox_size = 0
+            transport.write(data)  # type: ignore[attr-defined]
             connection.transport_backlog = transport.get_write_buffer_size()  # type: ignore[attr-defined]
         if server.first_hop.datagrams:
             self._send_datagrams(server.take_datagrams())

@@ -1,7 +1,7 @@
 """CPU per relayed frame in the sans-IO core: two linked clients on one
 relay (a shard of a cluster: ``shard=1``, as a worker runs it), one sending
 routed data to the other as fast as the core takes it, and the adapter's
-part reduced to taking the output (``take_output``, or the outbox on trees
+part reduced to taking the output (``data_to_send``, or the outbox on trees
 that predate it). No sockets, no event loop: what the number measures is the
 core's hot path (decrypt, route, encrypt, queue), the part a restructuring
 of ``relaycore`` can make dearer.
@@ -27,17 +27,21 @@ from relaycore.packets import Ping, RoutedData, RoutingRequest
 from relaycore.relay import RelayServer
 
 
+def _data_to_send(connection: object) -> bytes:
+    """``connection.data_to_send()``, or what it does on trees that predate it."""
+    data_to_send = getattr(connection, "data_to_send", None)
+    if data_to_send is not None:
+        return data_to_send()
+    outbox = connection.outbox  # type: ignore[attr-defined]
+    data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+    outbox.clear()
+    connection.outbox_size = 0  # type: ignore[attr-defined]
+    return data
+
+
 def _drain(server: RelayServer) -> int:
     """The adapter's part: what each connection has to write, in bytes."""
-    take_output = getattr(server, "take_output", None)
-    if take_output is not None:
-        return sum(len(data) for _, data in take_output())
-    written = 0
-    for connection in server.take_dirty():
-        written += sum(len(chunk) for chunk in connection.outbox)
-        connection.outbox.clear()
-        connection.outbox_size = 0
-    return written
+    return sum(len(_data_to_send(connection)) for connection in server.take_dirty())
 
 
 def _pump(server: RelayServer, pairs: list[tuple[ClientConnection, object]]) -> None:
@@ -49,19 +53,11 @@ def _pump(server: RelayServer, pairs: list[tuple[ClientConnection, object]]) -> 
             if data:
                 server.receive(connection, data, 0.0)  # type: ignore[arg-type]
                 moved = True
-        take_output = getattr(server, "take_output", None)
-        if take_output is not None:
-            outputs = dict(take_output())
-            for client, connection in pairs:
-                if connection in outputs:
-                    client.receive(outputs[connection])
-        else:
-            for connection in server.take_dirty():
-                for client, known in pairs:
-                    if known is connection:
-                        client.receive(b"".join(connection.outbox))
-                connection.outbox.clear()
-                connection.outbox_size = 0
+        for connection in server.take_dirty():
+            data = _data_to_send(connection)
+            for client, known in pairs:
+                if known is connection:
+                    client.receive(data)
         if not moved:
             return
 

@@ -331,12 +331,9 @@ class _Driver:
         self._after_call(server)
 
     def _deliver(self, record: ClientRecord) -> None:
-        connection = record.connection
-        if not connection.outbox:
+        data = record.connection.data_to_send()
+        if not data:
             return
-        data = b"".join(connection.outbox)
-        connection.outbox.clear()
-        connection.outbox_size = 0
         if record.closed:  # R-KILL-1: a killed connection receives nothing
             record.violations.append(f"{record!r}: {len(data)} bytes after its close")
             return

@@ -269,20 +269,16 @@ class Network:
         for connection in self.server.take_closed():
             peer = self._by_connection[connection]
             if peer.held:  # still unsent: the socket's close drops it
-                connection.outbox.clear()
-                connection.outbox_size = 0
+                connection.data_to_send()
             else:
                 self._deliver(peer)
             peer.closed = True
             peer.close_reason = connection.close_reason
 
     def _deliver(self, peer: Peer) -> None:
-        connection = peer.connection
-        if not connection.outbox:
+        data = peer.connection.data_to_send()
+        if not data:
             return
-        data = b"".join(connection.outbox)
-        connection.outbox.clear()
-        connection.outbox_size = 0
         assert not peer.closed, f"{peer.name}: {len(data)} bytes queued after its close"
         if not peer.eof:
             peer.received.extend(peer.client.receive(data))
