@@ -84,12 +84,17 @@ class ConcurrentClusterModel(ClusterModel):
 
     @rule(schedule=schedules)
     def settle(self, schedule: int) -> None:
-        """Heartbeat, quiesce, let every timer expire, quiesce again; check."""
+        """Heartbeat, quiesce, let every timer expire, quiesce again, one more
+        timer round; check."""
         assert self.cluster is not None
         self.cluster.begin_step()
         self.cluster.heartbeat()
         self.cluster.quiesce(ScheduleChooser(schedule))
         self.cluster.tick(self.cluster.now + 3.0)
+        self.cluster.quiesce(ScheduleChooser(schedule))
+        # The next timer round (a second later at most): re-WANTs that the
+        # 0.1 s pacing per key (REWANT_INTERVAL) held back go now.
+        self.cluster.tick(self.cluster.now + 1.0)
         self.cluster.quiesce(ScheduleChooser(schedule))
         self.settled = True
         self._check_settled()

@@ -355,7 +355,14 @@ class ClusterModel(RuleBasedStateMachine):
         ``request``, a ROUTING_REQUEST (R-ROUTE-6) to that key. In the
         cluster B's shard may still map the key to A1 then."""
         old = self.reference.clients[self._pick(pick)]
-        senders = [i for i in self._live() if self.reference.clients[i].identity != old.identity]
+        # A confirmed sender: an unconfirmed one's first frame would replace
+        # its own key's connection too (R-CONF-3), another race than this one.
+        senders = [
+            i
+            for i in self._live()
+            if self.reference.clients[i].identity != old.identity
+            and self.reference.clients[i].frames_sent > 0
+        ]
         if not senders:
             return
         b = senders[sender % len(senders)]

@@ -588,3 +588,29 @@ def test_an_answer_to_an_older_snapshot_request_is_not_applied() -> None:
         model=ConcurrentClusterModel,
         pairs=[(0, 0)],
     )
+
+
+def test_re_wants_held_back_by_their_pacing_go_at_the_next_timer_round() -> None:
+    """Concurrent model (``restart_coordinator`` with crashes and stalls); a
+    wrong expectation of the model.
+
+    carol@1 and alice@4 requested each other while the map moved under them;
+    the last SETs came within REWANT_INTERVAL of the round of WANTs before,
+    so shard 4 held that round back for a later call. ``settle`` ended with
+    the timers' one round and checked at once: both slots REQUESTED. A
+    shard's timer runs every second (the held round goes then); ``settle``
+    now runs one more timer round before it checks."""
+    replay(
+        4,
+        [(CAROL, 2), (ALICE, 3), (BOB, 0)],
+        ("reconnect_elsewhere", {"offset": 2, "pick": 0, "schedule": 1}),
+        ("crash", {"schedule": 0, "shard": 1}),
+        ("stall", {"schedule": 0, "shard": 0}),
+        ("restart_coordinator", {"schedule": 1679}),
+        ("crash", {"schedule": 2, "shard": 1}),
+        ("pair", {"first": 0, "other": 0, "pick": 0, "second": 2}),
+        ("stall", {"schedule": 0, "shard": 0}),
+        ("settle", {"schedule": 1}),
+        model=ConcurrentClusterModel,
+        pairs=[(0, 0), (0, 0)],
+    )
