@@ -12,7 +12,7 @@ from cluster.config import ConfigError, RelayConfig, load_config
 from cluster.keys import KeysFileError, create_keys, load_keys, load_or_create_keys
 from cluster.loadtest.cli import add_parser as add_loadtest_parser
 from cluster.probe import add_parser as add_probe_parser
-from worker.logs import configure_logging
+from runtime.logs import configure_logging
 
 DEFAULT_KEYS = RelayConfig().keys_file
 

@@ -18,7 +18,7 @@ import zmq
 
 from coordinator.pacing import Pacer
 from coordinator.replica import Replica, ReplicaHandler, Reregister, SnapshotRequest
-from coordinator.service import pack, router_endpoint, unpack, updates_endpoint
+from runtime.ipc import pack, router_endpoint, unpack, updates_endpoint
 
 log = logging.getLogger("coordinator.client")
 

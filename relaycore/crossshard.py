@@ -31,9 +31,10 @@ from relaycore.constants import NUM_RESERVED_PORTS
 from relaycore.errors import InvariantBroken
 from relaycore.limits import AddressBuckets
 from relaycore.onion import ReturnPath, TokenBucket
+from relaycore.packets import oob_receive
 from relaycore.shardlink import (
     EPOCH_COUNTER_BITS,
-    INCARNATION_MAX,
+    SHARD_ID_MAX,
     Epoch,
     Link,
     Registry,
@@ -60,7 +61,7 @@ class CrossShard(ShardMap):
     def __init__(self, relay: RelayServer, shard: ShardId) -> None:
         """``shard``: this shard's cluster-unique id, also the high 32 bits of
         its epochs (a restarted worker is a new shard)."""
-        if not 0 <= shard <= INCARNATION_MAX:
+        if not 0 <= shard <= SHARD_ID_MAX:
             raise ValueError(f"shard {shard} does not fit the epoch's high 32 bits")
         super().__init__(shard << EPOCH_COUNTER_BITS)
         self.relay = relay
@@ -362,7 +363,7 @@ class CrossShard(ShardMap):
                     (current.shard, (Link.OOB_FORWARDED, from_pk, to_pk, current.epoch, data))
                 )
                 return
-        self.relay.deliver(connection, b"\x07" + from_pk + data)  # R-OOB-2
+        self.relay.deliver(connection, oob_receive(from_pk, data))  # R-OOB-2
 
     def _send_link(self, kind: Link, from_pk: bytes, from_epoch: Epoch, to: RemotePeer) -> None:
         """WANT / LINKED / NOLINK / UNLINK from our (from_pk, from_epoch) to ``to``."""

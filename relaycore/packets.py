@@ -149,6 +149,41 @@ def encode(packet: Packet) -> bytes:
     raise TypeError(f"not a packet: {packet!r}")
 
 
+# The server's packets as the relay sends them: plain functions of plain
+# values (no packet object on the relay's paths). The one packet of the hot
+# path, routed data, is the client's frame with its first byte rewritten
+# (relay.py ``_handle_packet``).
+
+_REFUSED = b"\x01\x00"  # a ROUTING_RESPONSE with connection id 0
+
+
+def routing_response(slot: int | None, public_key: bytes) -> bytes:
+    """ROUTING_RESPONSE for routing slot ``slot`` (None: refused, id 0)."""
+    if slot is None:
+        return _REFUSED + public_key
+    return bytes((PacketId.ROUTING_RESPONSE, slot + NUM_RESERVED_PORTS)) + public_key
+
+
+def connect_notification(slot: int) -> bytes:
+    return bytes((PacketId.CONNECTION_NOTIFICATION, slot + NUM_RESERVED_PORTS))
+
+
+def disconnect_notification(slot: int) -> bytes:
+    return bytes((PacketId.DISCONNECT_NOTIFICATION, slot + NUM_RESERVED_PORTS))
+
+
+def server_ping(ping_id: bytes) -> bytes:
+    return b"\x04" + ping_id
+
+
+def pong(ping_id: bytes) -> bytes:
+    return b"\x05" + ping_id
+
+
+def oob_receive(sender: bytes, data: bytes) -> bytes:
+    return b"\x07" + sender + data
+
+
 # --------------------------------------------------------------------------
 # Decoders
 # --------------------------------------------------------------------------

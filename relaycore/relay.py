@@ -59,7 +59,13 @@ from relaycore.packets import (
     Ping,
     Pong,
     RoutingRequest,
+    connect_notification,
     decode_client_packet,
+    disconnect_notification,
+    oob_receive,
+    pong,
+    routing_response,
+    server_ping,
 )
 from relaycore.shardlink import ShardId
 
@@ -263,7 +269,7 @@ class RelayServer:
                 ping_id = self._random_bytes(SERVER_PING_ID_SIZE)
                 if ping_id == ZERO_PING_ID:
                     ping_id = b"\x00" * (SERVER_PING_ID_SIZE - 1) + b"\x01"
-                self._send_priority(connection, b"\x04" + ping_id)
+                self._send_priority(connection, server_ping(ping_id))
                 connection.ping_id = ping_id
                 connection.last_pinged = now
             if (
@@ -416,7 +422,7 @@ class RelayServer:
         if isinstance(packet, RoutingRequest):
             self._route_request(connection, packet.public_key, now)
         elif isinstance(packet, Ping):  # R-PING-1
-            self._send_priority(connection, b"\x05" + packet.ping_id)
+            self._send_priority(connection, pong(packet.ping_id))
         elif isinstance(packet, Pong):  # R-PING-3
             if packet.ping_id == ZERO_PING_ID:
                 raise ProtocolViolation("R-PING-3", "PONG with id 0")
@@ -440,24 +446,24 @@ class RelayServer:
         assert sender is not None
         local = self.by_key.get(destination)
         if local is not None:  # R-OOB-2
-            self._send_nonpriority(local, b"\x07" + sender + data)
+            self._send_nonpriority(local, oob_receive(sender, data))
             return
         self.cluster.send_oob(connection, destination, data, now)
 
     def _route_request(self, connection: ServerConnection, public_key: bytes, now: float) -> None:
         if public_key == connection.public_key:  # R-ROUTE-2
-            self._send_priority(connection, b"\x01\x00" + public_key)
+            self._send_priority(connection, routing_response(None, public_key))
             return
         existing = connection.slot_of_key.get(public_key)
         if existing is not None:  # R-ROUTE-3
-            self._send_priority(connection, bytes((1, existing + NUM_RESERVED_PORTS)) + public_key)
+            self._send_priority(connection, routing_response(existing, public_key))
             return
         try:
             index = connection.slots.index(None)  # R-ROUTE-5: lowest free slot
         except ValueError:  # R-ROUTE-4: all 240 used
-            self._send_priority(connection, b"\x01\x00" + public_key)
+            self._send_priority(connection, routing_response(None, public_key))
             return
-        self._send_priority(connection, bytes((1, index + NUM_RESERVED_PORTS)) + public_key)
+        self._send_priority(connection, routing_response(index, public_key))
         if connection.over_limit:
             return  # the reply passed output_hard_limit: no slot, no link
         slot = connection.slots[index] = Slot(public_key)
@@ -478,13 +484,13 @@ class RelayServer:
             # O is still linked to our key's connection on another shard, which
             # ours replaced (R-CONF-3): that link ends first (O: 03).
             self.cluster.take_over(other, other_index)
-        self._send_priority(connection, bytes((2, index + NUM_RESERVED_PORTS)))
+        self._send_priority(connection, connect_notification(index))
         if connection.over_limit:
             return  # passed output_hard_limit before the link existed: O is not told
         slot.state = other_slot.state = SlotState.LINKED
         slot.peer, slot.peer_slot = other, other_index
         other_slot.peer, other_slot.peer_slot = connection, index
-        self._send_priority(other, bytes((2, other_index + NUM_RESERVED_PORTS)))
+        self._send_priority(other, connect_notification(other_index))
         self.stats["links"] += 1
 
     def _disconnect_request(self, connection: ServerConnection, connection_id: int) -> None:
@@ -513,7 +519,7 @@ class RelayServer:
         assert peer_slot is not None
         peer_slot.unlink()
         slot.unlink()
-        self._send_priority(peer, bytes((3, peer_index + NUM_RESERVED_PORTS)))
+        self._send_priority(peer, disconnect_notification(peer_index))
 
     # ------------------------------------------------------------------
     # Onion and forwarding replies (the first hop itself: relaycore.firsthop)
@@ -548,10 +554,10 @@ class RelayServer:
     # ------------------------------------------------------------------
 
     def notify_linked(self, connection: ServerConnection, index: int) -> None:
-        self._send_priority(connection, bytes((2, index + NUM_RESERVED_PORTS)))  # R-ROUTE-6
+        self._send_priority(connection, connect_notification(index))  # R-ROUTE-6
 
     def notify_unlinked(self, connection: ServerConnection, index: int) -> None:
-        self._send_priority(connection, bytes((3, index + NUM_RESERVED_PORTS)))  # R-KILL-1
+        self._send_priority(connection, disconnect_notification(index))  # R-KILL-1
 
     def deliver(self, connection: ServerConnection, plain: bytes) -> None:
         """Routed data or an OOB from a client on another shard."""

@@ -39,17 +39,18 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 ShardId = int
-# A cluster-unique id of one client connection: (shard incarnation << 32) | counter.
+# A cluster-unique id of one client connection: (shard << 32) | counter. A shard
+# id is never reused: a restarted worker is a new shard.
 Epoch = int
 
 EPOCH_COUNTER_BITS = 32
 # Epochs are u64 on the wire (the onion / forward sendback, msgpack on the
-# bus): the incarnation takes the high 32 bits, the counter the low 32. The
-# counter never carries into the incarnation (issue 10 finding 9): a server
+# bus): the shard id takes the high 32 bits, the counter the low 32. The
+# counter never carries into the shard id (issue 10 finding 9): a server
 # whose counter is spent confirms no one more, and its worker is replaced by
-# a fresh incarnation well before that (EPOCH_RENEW_MARGIN).
+# a fresh shard well before that (EPOCH_RENEW_MARGIN).
 EPOCH_COUNTER_MAX = (1 << EPOCH_COUNTER_BITS) - 1
-INCARNATION_MAX = (1 << (64 - EPOCH_COUNTER_BITS)) - 1
+SHARD_ID_MAX = (1 << (64 - EPOCH_COUNTER_BITS)) - 1
 EPOCH_RENEW_MARGIN = 1 << 24  # epochs left when a worker asks to be replaced
 
 

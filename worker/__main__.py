@@ -18,7 +18,8 @@ from pathlib import Path
 
 from relaycore.onion import OnionSecrets
 from relaycore.options import RelayOptions
-from worker.logs import configure_logging
+from runtime.logs import configure_logging
+from runtime.sockets import open_listening_socket, open_udp_socket
 from worker.process import (
     ClusterSpec,
     ListenSpec,
@@ -27,7 +28,6 @@ from worker.process import (
     raise_open_file_limit,
     run_shard,
 )
-from worker.shard import open_listening_socket, open_udp_socket
 
 
 def main() -> int:

@@ -17,8 +17,9 @@ import uvloop
 
 from relaycore.onion import OnionSecrets
 from relaycore.options import RelayOptions
+from runtime.sockets import open_listening_socket
 from worker.cluster_member import ClusterMember
-from worker.shard import Shard, open_listening_socket
+from worker.shard import Shard
 
 log = logging.getLogger("worker")
 

@@ -47,49 +47,6 @@ READ_BYTES_PER_TURN = 64 * 1024
 EMPTY_FRAMES_PAUSE = 0.01  # seconds
 
 
-def bind_reuseport(host: str, port: int, kind: int) -> socket.socket:
-    """A socket of ``kind`` (SOCK_STREAM / SOCK_DGRAM) bound to ``host:port``
-    with SO_REUSEADDR and SO_REUSEPORT, so every shard can bind the same port;
-    "::" is dual-stack. Closed again if anything fails."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, kind)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def open_listening_socket(host: str, port: int, backlog: int) -> socket.socket:
-    """A TCP listener with SO_REUSEADDR and SO_REUSEPORT set, not yet serving."""
-    sock = bind_reuseport(host, port, socket.SOCK_STREAM)
-    try:
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def open_udp_socket(host: str, port: int) -> socket.socket:
-    """The onion / forwarding UDP socket, SO_REUSEPORT so every shard binds the
-    same port and a reply may arrive at any of them."""
-    try:
-        sock = bind_reuseport(host, port, socket.SOCK_DGRAM)
-    except OSError as error:
-        raise OSError(
-            error.errno, f"cannot bind UDP port {port} on {host}: {error.strerror}"
-        ) from None
-    sock.setblocking(False)
-    return sock
-
-
 class DatagramEndpoint(asyncio.DatagramProtocol):
     """Moves UDP datagrams (onion and forward replies) into the shard's core."""
 
@@ -268,7 +225,7 @@ class Shard:
         onion_secrets: OnionSecrets | None = None,
     ) -> None:
         """``shard_id``: cluster-unique id of this worker process (None = a
-        stand-alone relay); it is also the incarnation part of its epochs."""
+        stand-alone relay); it is also the high 32 bits of its epochs."""
         self.loop = loop
         self.tick_interval = tick_interval
         self.options = options
@@ -280,7 +237,7 @@ class Shard:
         self.refusals = 0
         self.after_flush: Callable[[], None] | None = None  # the cluster link's hook
         # Called once when the core's epochs run low: the process must be
-        # replaced by a fresh incarnation (a new shard id) before they run out.
+        # replaced by a fresh worker (a new shard id) before they run out.
         self.on_epochs_low: Callable[[], None] | None = None
         self.loop_lag = 0.0
         self._tick_due = 0.0

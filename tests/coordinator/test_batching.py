@@ -20,8 +20,9 @@ import zmq
 from coordinator import client as coordinator_client
 from coordinator import service as coordinator_service
 from coordinator.client import CoordinatorClient
-from coordinator.service import CoordinatorService, router_endpoint, unpack, updates_endpoint
+from coordinator.service import CoordinatorService
 from relaycore.shardlink import MapUpdate, Registry
+from runtime.ipc import router_endpoint, unpack, updates_endpoint
 from tests.coordinator.replica import RecordingHandler
 
 SHARD = 7

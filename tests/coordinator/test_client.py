@@ -13,7 +13,7 @@ import zmq
 import coordinator.client as client_module
 import coordinator.replica as replica_module
 from coordinator.client import CoordinatorClient
-from coordinator.service import pack, router_endpoint, unpack, updates_endpoint
+from runtime.ipc import pack, router_endpoint, unpack, updates_endpoint
 from tests.coordinator.replica import RecordingHandler
 
 

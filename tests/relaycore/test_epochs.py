@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from relaycore.relay import ConnectionState, RelayServer
-from relaycore.shardlink import EPOCH_COUNTER_BITS, EPOCH_COUNTER_MAX, INCARNATION_MAX
+from relaycore.shardlink import EPOCH_COUNTER_BITS, EPOCH_COUNTER_MAX, SHARD_ID_MAX
 from tests.relaycore.harness import CONFIRM_PACKET, Network
 
 SHARD = 5
@@ -39,6 +39,6 @@ def test_epochs_left_counts_down() -> None:
 
 
 def test_shard_id_must_fit_the_high_bits() -> None:
-    RelayServer(bytes(32), shard=INCARNATION_MAX)
+    RelayServer(bytes(32), shard=SHARD_ID_MAX)
     with pytest.raises(ValueError, match="does not fit"):
-        RelayServer(bytes(32), shard=INCARNATION_MAX + 1)
+        RelayServer(bytes(32), shard=SHARD_ID_MAX + 1)

@@ -15,12 +15,12 @@ import uvloop
 import zmq
 
 from coordinator.client import CoordinatorClient
-from coordinator.service import pack, router_endpoint, updates_endpoint
 from relaycore.constants import PacketId
 from relaycore.crossshard import CrossShard
 from relaycore.packets import DisconnectNotification, Ping, Pong, RoutingResponse
 from relaycore.relay import FRAMES_PER_RECEIVE, MAX_HELD_INPUT, ConnectionState
 from relaycore.shardlink import Link, MapUpdate
+from runtime.ipc import pack, router_endpoint, updates_endpoint
 from tests.coordinator.replica import RecordingHandler
 from tests.support.inprocess import live_relay, wait_for
 from tests.worker.test_shard import linked_pair
