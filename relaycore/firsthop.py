@@ -137,13 +137,6 @@ class FirstHop:
             worker.tokens -= 1
         return True
 
-    def _next_hop_refused(self, datagram: Datagram) -> bool:
-        reason = self.next_hops.refusal(datagram.host, datagram.port)
-        if reason is None:
-            return False
-        self.stats[f"dropped.{reason}"] += 1
-        return True
-
     def _return_path(self, connection: ServerConnection) -> ReturnPath:
         return ReturnPath(self.shard, connection.epoch)
 
@@ -170,10 +163,7 @@ class FirstHop:
         except Dropped as drop:
             self.stats[f"dropped.{drop.reason}"] += 1
             return
-        if self._next_hop_refused(datagram):
-            return
-        self.datagrams.append(datagram)
-        self.stats["onion.requests_sent"] += 1
+        self._send(datagram, "onion.requests_sent")
 
     def forward_request(
         self, connection: ServerConnection, address: bytes, data: bytes, now: float
@@ -188,7 +178,13 @@ class FirstHop:
         except Dropped as drop:
             self.stats[f"dropped.{drop.reason}"] += 1
             return
-        if self._next_hop_refused(datagram):
+        self._send(datagram, "forward.requests_sent")
+
+    def _send(self, datagram: Datagram, counter: str) -> None:
+        """Queue ``datagram`` for the adapter unless its next hop is refused."""
+        reason = self.next_hops.refusal(datagram.host, datagram.port)
+        if reason is not None:
+            self.stats[f"dropped.{reason}"] += 1
             return
         self.datagrams.append(datagram)
-        self.stats["forward.requests_sent"] += 1
+        self.stats[counter] += 1

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+import uvloop
+
 from relaycore.onion import OnionSecrets
 from relaycore.options import RelayOptions
 from runtime.logs import configure_logging
@@ -26,7 +28,7 @@ from worker.process import (
     OnionSpec,
     bind_listeners,
     raise_open_file_limit,
-    run_shard,
+    serve_until_stopped,
 )
 
 
@@ -65,15 +67,17 @@ def main() -> int:
         with contextlib.suppress(OSError):  # the supervisor is gone (why we stopped)
             print("FINAL " + json.dumps(report, separators=(",", ":")), flush=True)
 
-    run_shard(
-        bytes.fromhex(spec["secret_key"]),
-        RelayOptions(**spec["options"]),
-        sockets,
-        announce,
-        ClusterSpec(shard_id, Path(spec["runtime_dir"])),
-        spec["backlog"],
-        onion,
-        hand_over,
+    uvloop.run(  # until SIGINT / SIGTERM
+        serve_until_stopped(
+            bytes.fromhex(spec["secret_key"]),
+            RelayOptions(**spec["options"]),
+            sockets,
+            announce,
+            ClusterSpec(shard_id, Path(spec["runtime_dir"])),
+            spec["backlog"],
+            onion,
+            hand_over,
+        )
     )
     return 0
 

@@ -198,18 +198,20 @@ class ClientProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         # The client is not reading: stop reading from it too, and let the core
         # see the backlog so it drops non-priority packets for it.
-        transport, connection = self.transport, self.connection
-        if transport is None or connection is None:
-            return
-        connection.transport_backlog = transport.get_write_buffer_size()
-        self._pause(_WRITING)
+        if self._note_backlog():
+            self._pause(_WRITING)
 
     def resume_writing(self) -> None:
+        if self._note_backlog():
+            self._resume(_WRITING)
+
+    def _note_backlog(self) -> bool:
+        """Tell the core what the transport still holds; False when closed."""
         transport, connection = self.transport, self.connection
         if transport is None or connection is None:
-            return
+            return False
         connection.transport_backlog = transport.get_write_buffer_size()
-        self._resume(_WRITING)
+        return True
 
 
 class Shard:
