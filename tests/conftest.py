@@ -1,4 +1,4 @@
 """Fixtures shared by every test directory."""
 
-from tests.support.bootstrapd import reference_relay  # noqa: F401
-from tests.support.relay_process import relay_process  # noqa: F401
+from testbed.bootstrapd import reference_relay  # noqa: F401
+from testbed.relay_process import relay_process  # noqa: F401

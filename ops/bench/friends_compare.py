@@ -6,8 +6,8 @@ Run from the repository root (needs libtoxcore2 and toxcore-utils)::
                                         [--file-size BYTES] [--rtt-rounds N] [--json]
 
 One private 3-node DHT (tox-bootstrapd, TCP relays off) on loopback serves every run.
-Each round runs the scenario of ``tests/interop/friends.py`` once per relay (the
-relays of ``tests/interop/relay_kinds.py``, each started fresh for the run and
+Each round runs the scenario of ``testbed/friends.py`` once per relay (the
+relays of ``testbed/relay_kinds.py``, each started fresh for the run and
 stopped after it), and the order of the relays rotates every round so that
 background load on a small shared machine hits each alike. Per run:
 
@@ -42,11 +42,11 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from ops.bench import common  # noqa: E402
-from tests.interop.friends import ScenarioConfig, run_friends_scenario  # noqa: E402
-from tests.interop.relay_kinds import RELAY_KINDS, start_relay_under_test  # noqa: E402
-from tests.interop.toxcore import load_toxcore, toxcore_error  # noqa: E402
-from tests.support.bootstrapd import bootstrapd_available  # noqa: E402
-from tests.support.toxdht import start_private_dht  # noqa: E402
+from testbed.bootstrapd import bootstrapd_available  # noqa: E402
+from testbed.friends import ScenarioConfig, run_friends_scenario  # noqa: E402
+from testbed.relay_kinds import RELAY_KINDS, start_relay_under_test  # noqa: E402
+from testbed.toxcore import load_toxcore, toxcore_error  # noqa: E402
+from testbed.toxdht import start_private_dht  # noqa: E402
 
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("self_online_s", "self online", "s"),

@@ -65,8 +65,8 @@ from relaycore.packets import (
     RoutedData,
     RoutingResponse,
 )
-from tests.support.bootstrapd import start_bootstrapd
-from tests.support.relay_process import start_relay
+from testbed.bootstrapd import start_bootstrapd
+from testbed.relay_process import start_relay
 
 REFERENCE = "bootstrapd"
 OURS = "ours"

@@ -69,7 +69,7 @@ from ops.bench.pair_compare import (
     percentile,
 )
 from relaycore.packets import Packet, RoutedData
-from tests.support.relay_process import RelayProcess, start_relay
+from testbed.relay_process import RelayProcess, start_relay
 
 WORKERS = 2
 SAME = "same"

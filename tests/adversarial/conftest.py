@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from testbed.relay_process import start_relay
 from tests.cluster_process.support import Cluster
-from tests.support.relay_process import start_relay
 
 CALL_FAILED = pytest.StashKey[bool]()
 

@@ -32,6 +32,8 @@ from relaycore.packets import (
     RoutingRequest,
     encode,
 )
+from testbed.bootstrapd import ReferenceRelay, bootstrapd_available, start_bootstrapd
+from testbed.relay_process import RelayProcess, start_relay
 from tests.differential.scenario import (
     Endpoint,
     Event,
@@ -48,8 +50,6 @@ from tests.differential.scenario import (
     run_on_all,
     transcript_diff,
 )
-from tests.support.bootstrapd import ReferenceRelay, bootstrapd_available, start_bootstrapd
-from tests.support.relay_process import RelayProcess, start_relay
 
 pytestmark = pytest.mark.reference
 

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.interop.friends import RelayEndpoint
-from tests.support.bootstrapd import start_bootstrapd
-from tests.support.relay_process import RelayProcess, start_relay
+from testbed.bootstrapd import start_bootstrapd
+from testbed.friends import RelayEndpoint
+from testbed.relay_process import RelayProcess, start_relay
 
 RELAY_KINDS = ("bootstrapd", "bootstrapd-2ports", "ours-1w", "ours-2w", "ours-2w-cross")
 

@@ -6,7 +6,7 @@ UDP, LAN discovery, IPv6 and the client's own TCP relay server switched off,
 onion path nodes 2 and 3), the ``tox_iterate`` loop, the client's DHT key (the key a
 toxcore client presents on TCP relays, tcp-relay-protocol.md §14), its log, and what
 two clients need to become friends and talk: address, friend requests, connection
-status, messages and file transfers (see ``tests/interop/friends.py``).
+status, messages and file transfers (see ``testbed/friends.py``).
 
 No C compiler is needed: the library is loaded with :func:`ctypes.CDLL`.
 
