@@ -6,13 +6,14 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from cluster.config import ConfigError, RelayConfig, load_config
 from cluster.keys import KeysFileError, create_keys, load_keys, load_or_create_keys
 from cluster.loadtest.cli import add_parser as add_loadtest_parser
 from cluster.probe import add_parser as add_probe_parser
-from worker.logs import configure_logging
+from runtime.logs import configure_logging
 
 DEFAULT_KEYS = RelayConfig().keys_file
 
@@ -98,24 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys_help = f"keys file: 64 bytes, public key || secret key (default: {DEFAULT_KEYS})"
 
-    keygen = sub.add_parser(
-        "keygen",
-        help="create a keys file and print its public key",
-        description="Create a new relay identity (mode 0600) and print the public key as "
-        "64 uppercase hex digits. Refuses to overwrite an existing file.",
+    keys_commands = (
+        (
+            _cmd_keygen,
+            "keygen",
+            "create a keys file and print its public key",
+            "Create a new relay identity (mode 0600) and print the public key as "
+            "64 uppercase hex digits. Refuses to overwrite an existing file.",
+        ),
+        (
+            _cmd_pubkey,
+            "pubkey",
+            "print the public key of an existing keys file",
+            "Print the public key of a keys file (the one clients are given).",
+        ),
     )
-    keygen.add_argument("--keys", type=Path, default=DEFAULT_KEYS, metavar="PATH", help=keys_help)
-    keygen.set_defaults(handler=_cmd_keygen)
+    for handler, name, help_text, description in keys_commands:
+        command = _command(sub, handler, name, help=help_text, description=description)
+        command.add_argument(
+            "--keys", type=Path, default=DEFAULT_KEYS, metavar="PATH", help=keys_help
+        )
 
-    pubkey = sub.add_parser(
-        "pubkey",
-        help="print the public key of an existing keys file",
-        description="Print the public key of a keys file (the one clients are given).",
-    )
-    pubkey.add_argument("--keys", type=Path, default=DEFAULT_KEYS, metavar="PATH", help=keys_help)
-    pubkey.set_defaults(handler=_cmd_pubkey)
-
-    start = sub.add_parser(
+    start = _command(
+        sub,
+        _cmd_start,
         "start",
         help="run the relay in the foreground",
         description="Run the relay in the foreground until SIGINT or SIGTERM. Creates the keys "
@@ -178,9 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="unix socket (0600) that `cluster status` talks to (default relay-admin.sock)",
     )
-    start.set_defaults(handler=_cmd_start)
 
-    status = sub.add_parser(
+    status = _command(
+        sub,
+        _cmd_status,
         "status",
         help="show the running cluster's workers and totals",
         description="Ask the running supervisor (over its admin socket) for a live table "
@@ -198,11 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print one JSON object and exit")
     status.add_argument("--once", action="store_true", help="print the table once and exit")
-    status.set_defaults(handler=_cmd_status)
 
     add_loadtest_parser(sub)
     add_probe_parser(sub)
     return parser
+
+
+def _command(
+    sub: argparse._SubParsersAction, handler: Callable, name: str, **texts: str
+) -> argparse.ArgumentParser:
+    """A subcommand ``name`` (``texts``: help, description) run by ``handler``."""
+    command = sub.add_parser(name, **texts)
+    command.set_defaults(handler=handler)
+    return command
 
 
 def main(argv: list[str] | None = None) -> int:

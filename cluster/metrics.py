@@ -48,6 +48,25 @@ PLAIN_COUNTERS = {
 }  # fmt: skip
 
 
+# Counters with one label over named totals:
+# (name, help, label, ((label value, counter key), ...)).
+PAIRED_COUNTERS = (
+    (
+        "handshakes",
+        "Hellos answered / connections confirmed.",
+        "result",
+        (("replied", "handshakes"), ("confirmed", "confirmed")),
+    ),
+    ("frames", "Frames, by direction.", "direction", (("in", "frames_in"), ("out", "frames_out"))),
+    (
+        "bus_messages",
+        "Cross-shard link messages.",
+        "direction",
+        (("sent", "bus.messages_sent"), ("received", "bus.messages_received")),
+    ),
+)
+
+
 @dataclass
 class WorkerSample:
     slot: int
@@ -191,24 +210,11 @@ class ClusterCollector(Collector):
         yield from families.values()
         for key, (name, help_text) in PLAIN_COUNTERS.items():
             yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=totals.get(key, 0))
-        handshakes = CounterMetricFamily(
-            f"{PREFIX}_handshakes", "Hellos answered / connections confirmed.", labels=["result"]
-        )
-        handshakes.add_metric(["replied"], totals.get("handshakes", 0))
-        handshakes.add_metric(["confirmed"], totals.get("confirmed", 0))
-        yield handshakes
-        frames = CounterMetricFamily(
-            f"{PREFIX}_frames", "Frames, by direction.", labels=["direction"]
-        )
-        frames.add_metric(["in"], totals.get("frames_in", 0))
-        frames.add_metric(["out"], totals.get("frames_out", 0))
-        yield frames
-        bus = CounterMetricFamily(
-            f"{PREFIX}_bus_messages", "Cross-shard link messages.", labels=["direction"]
-        )
-        bus.add_metric(["sent"], totals.get("bus.messages_sent", 0))
-        bus.add_metric(["received"], totals.get("bus.messages_received", 0))
-        yield bus
+        for name, help_text, label, values in PAIRED_COUNTERS:
+            family = CounterMetricFamily(f"{PREFIX}_{name}", help_text, labels=[label])
+            for value, key in values:
+                family.add_metric([value], totals.get(key, 0))
+            yield family
         connections = GaugeMetricFamily(
             f"{PREFIX}_connections", "Connections now, by state.", labels=["state"]
         )

@@ -33,10 +33,6 @@ from cluster.loadtest.options import UsageError, parse_public_key
 DEFAULT_TIMEOUT = 5.0
 
 
-class ProbeFailed(Exception):
-    """The relay did not pass; the message says at which step and why."""
-
-
 @dataclass(frozen=True)
 class ProbeResult:
     host: str
@@ -52,6 +48,10 @@ class ProbeResult:
             "handshake_ms": self.handshake_s * 1e3,
             "ping_ms": self.ping_s * 1e3,
         }
+
+
+class ProbeFailed(Exception):
+    """The relay did not pass; the message says at which step and why."""
 
 
 def _cause(error: BaseException, step: str, timeout: float) -> str:

@@ -43,9 +43,8 @@ from cluster.config import RelayConfig
 from cluster.keys import RelayIdentity
 from cluster.metrics import ClusterCollector, ClusterStats
 from cluster.metrics_http import MetricsAddressError, MetricsServer
-from coordinator.service import pack, router_endpoint, unpack
-from worker.reporting import supervisor_endpoint
-from worker.shard import bind_reuseport
+from runtime.ipc import pack, router_endpoint, supervisor_endpoint, unpack
+from runtime.sockets import bind_reuseport
 
 log = logging.getLogger("cluster.supervisor")
 

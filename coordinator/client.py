@@ -1,11 +1,9 @@
 """The worker's side of the coordinator protocol, on an asyncio loop.
 
-Keeps the shard's replica of the routing map current (Clone pattern):
-subscribe to the updates first, then fetch a snapshot and apply the buffered
-updates that follow it; a gap in the sequence fetches a new snapshot; a new
-coordinator incarnation (restart) makes the shard re-register every live
-client and merge the new snapshot without ending any link. Sends the shard's
-REGISTER / UNREGISTER events and a heartbeat every second.
+Moves the messages of ``coordinator.replica.Replica`` (the shard's replica
+of the routing map, sans-IO) between the coordinator's sockets and the
+shard, sends the shard's REGISTER / UNREGISTER events (paced) and a
+heartbeat every second.
 """
 
 from __future__ import annotations
@@ -19,17 +17,13 @@ from pathlib import Path
 import zmq
 
 from coordinator.pacing import Pacer
-from coordinator.service import pack, router_endpoint, unpack, updates_endpoint
-from relaycore.shardlink import Registry
+from coordinator.replica import Replica, ReplicaHandler, Reregister, SnapshotRequest
+from runtime.ipc import pack, router_endpoint, unpack, updates_endpoint
 
 log = logging.getLogger("coordinator.client")
 
 HEARTBEAT_INTERVAL = 1.0
-MAX_BUFFERED_UPDATES = 200_000
 MAX_PENDING_EVENTS = 1_000_000
-# A snapshot request not answered within this (it could not be sent, or the
-# answer was lost) is made again: a worker must never stay in "syncing".
-SNAPSHOT_RETRY = 3.0  # seconds
 # Registry events messages: EVENTS_BURST in a row leave at once, then at most
 # one per EVENTS_MIN_INTERVAL seconds (the rest wait and go together); see
 # CoordinatorClient.send_events and coordinator.pacing.
@@ -37,14 +31,11 @@ EVENTS_MIN_INTERVAL = 0.005
 EVENTS_BURST = 10
 
 
-class ReplicaHandler:
-    """What the client calls on the shard (implemented by the worker)."""
+class CoordinatorHandler(ReplicaHandler):
+    """What the client calls on the shard (implemented by the worker): the
+    replica's calls, and these two."""
 
-    def apply_map_update(self, update: tuple) -> None: ...
-    def reset_directory(self, entries: list, merge: bool, request: int | None) -> None: ...
     def snapshot_requested(self, request: int, events_delivered: bool) -> None: ...
-    def registrations(self) -> list[tuple[bytes, int]]: ...
-    def set_peer_shards(self, shards: list[int]) -> None: ...
     def after_input(self) -> None: ...  # flush what the updates produced
 
 
@@ -54,7 +45,7 @@ class CoordinatorClient:
         runtime_dir: Path,
         shard: int,
         loop: asyncio.AbstractEventLoop,
-        handler: ReplicaHandler,
+        handler: CoordinatorHandler,
         context: zmq.Context | None = None,
         on_error: Callable[[str], None] | None = None,
     ) -> None:
@@ -74,17 +65,10 @@ class CoordinatorClient:
         self.subscriber.setsockopt(zmq.RCVHWM, 100_000)
         self.subscriber.setsockopt(zmq.SUBSCRIBE, b"")
         self.subscriber.connect(updates_endpoint(runtime_dir))
-        self.coordinator: int | None = None
-        self.last_sequence = 0
-        self.syncing = False
-        self.merge_next_snapshot = False
-        self._buffered: list[tuple[int, tuple]] = []
+        self.replica = Replica(handler)
         self._pending_events: list[tuple] = []
         self._events_flush: asyncio.Handle | None = None  # a flush_events to come
         self._events_pacer = Pacer(EVENTS_MIN_INTERVAL, EVENTS_BURST)
-        self.resyncs = 0
-        self._snapshot_requests = 0  # the number of the last snapshot request
-        self._snapshot_asked_at = 0.0
         self.events_dropped = 0
         self.message_errors = 0
         self.on_error = on_error or self._count_error
@@ -94,7 +78,8 @@ class CoordinatorClient:
 
     def start(self) -> None:
         self._send(["hello", self.shard])
-        self._request_snapshot(merge=False)
+        self.replica.start(self.loop.time())
+        self._send_requests()
         self._timer = self.loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
 
     # -- sending ---------------------------------------------------------------
@@ -148,28 +133,36 @@ class CoordinatorClient:
         try:
             self._send(["heartbeat", self.shard])
             self.flush_events()  # retries what a full socket held back
-            if self.syncing and self.loop.time() - self._snapshot_asked_at > SNAPSHOT_RETRY:
-                log.warning("no snapshot %d yet: asking again", self._snapshot_requests)
-                self._request_snapshot(merge=False)
+            self.replica.timer(self.loop.time())
+            self._send_requests()
         except Exception:
             self.on_error("coordinator_heartbeat")
         finally:
             self._timer = self.loop.call_later(HEARTBEAT_INTERVAL, self._heartbeat)
 
-    def _request_snapshot(self, merge: bool) -> None:
-        """Ask for a snapshot, behind our registry events on the one DEALER:
-        it reflects every REGISTER sent before (the shard is told which, by
-        the request's number, so that a resync can end a connection that the
-        map replaced in an update it skipped: R-CONF-3)."""
-        self.syncing = True
-        self.merge_next_snapshot = self.merge_next_snapshot or merge
-        self.resyncs += 1
-        self.flush_events()  # what is still pending goes first, if it can
-        self._snapshot_requests += 1
-        delivered = not self._pending_events and not self.events_dropped
-        self.handler.snapshot_requested(self._snapshot_requests, delivered)
-        self._snapshot_asked_at = self.loop.time()
-        self._send(["snapshot", self._snapshot_requests])
+    @property
+    def resyncs(self) -> int:
+        return self.replica.resyncs
+
+    @property
+    def syncing(self) -> bool:
+        return self.replica.syncing
+
+    def _send_requests(self) -> None:
+        """What the replica asks for, in order, on the one DEALER: a snapshot
+        request goes behind our registry events, so it reflects every
+        REGISTER sent before (the shard is told which, by the request's
+        number, so that a resync can end a connection that the map replaced
+        in an update it skipped: R-CONF-3)."""
+        for request in self.replica.take_requests():
+            if isinstance(request, Reregister):
+                self._pending_events = list(request.events)  # (they cover the rest)
+                self.flush_events()
+            elif isinstance(request, SnapshotRequest):
+                self.flush_events()  # what is still pending goes first, if it can
+                delivered = not self._pending_events and not self.events_dropped
+                self.handler.snapshot_requested(request.number, delivered)
+                self._send(["snapshot", request.number])
 
     # -- receiving -------------------------------------------------------------
 
@@ -203,69 +196,14 @@ class CoordinatorClient:
         except Exception:
             self.on_error("coordinator_message")
 
-    def _coordinator_seen(self, incarnation: int) -> bool:
-        """True when this is a new coordinator (restart): re-register, merge."""
-        if self.coordinator == incarnation:
-            return False
-        restarted = self.coordinator is not None
-        self.coordinator = incarnation
-        if restarted:
-            log.warning("coordinator restarted: re-registering and resyncing")
-            self.last_sequence = 0
-            self._buffered = []
-            self._pending_events = []
-            self.send_events(
-                [(Registry.REGISTER, key, epoch) for key, epoch in self.handler.registrations()]
-            )
-            self.flush_events()  # the re-registrations go before the snapshot request
-            self._request_snapshot(merge=True)
-        return restarted
-
     def _on_publication(self, message: list) -> None:
-        kind = message[0]
-        if kind == "hb":
-            _, incarnation, sequence, shards = message
-            self._coordinator_seen(incarnation)
-            self.handler.set_peer_shards(shards)
-            if not self.syncing and sequence > self.last_sequence:
-                log.info("missed map updates (%d > %d): resync", sequence, self.last_sequence)
-                self._request_snapshot(merge=False)
-        elif kind == "u":
-            _, incarnation, updates = message
-            self._coordinator_seen(incarnation)
-            if self.syncing:
-                self._buffered.extend((seq, tuple(update)) for seq, update in updates)
-                if len(self._buffered) > MAX_BUFFERED_UPDATES:
-                    self._buffered = []
-                    self._request_snapshot(merge=False)
-                return
-            self._apply([(seq, tuple(update)) for seq, update in updates])
-
-    def _apply(self, updates: list[tuple[int, tuple]]) -> None:
-        for index, (sequence, update) in enumerate(updates):
-            if sequence <= self.last_sequence:
-                continue
-            if sequence != self.last_sequence + 1:
-                self._buffered = list(updates[index:])
-                self._request_snapshot(merge=False)
-                return
-            self.handler.apply_map_update(update)
-            self.last_sequence = sequence
+        self.replica.publication(message, self.loop.time())
+        self._send_requests()
 
     def _on_reply(self, message: list) -> None:
-        if message[0] != "snapshot":
-            return
-        _, incarnation, sequence, entries, request = message
-        if self._coordinator_seen(incarnation):
-            return  # a fresher snapshot is on its way
-        self.handler.reset_directory(
-            [tuple(entry) for entry in entries], self.merge_next_snapshot, request
-        )
-        self.merge_next_snapshot = False
-        self.syncing = False
-        self.last_sequence = sequence
-        buffered, self._buffered = self._buffered, []
-        self._apply(buffered)
+        if message[0] == "snapshot":
+            self.replica.snapshot(message, self.loop.time())
+            self._send_requests()
 
     def close(self, linger_ms: int = 0) -> None:
         if self._timer is not None:

@@ -27,7 +27,15 @@ import zmq
 
 from coordinator.directory import Directory
 from coordinator.pacing import Pacer
-from worker.logs import configure_logging
+from runtime.ipc import (
+    bind_ipc,
+    pack,
+    router_endpoint,
+    supervisor_endpoint,
+    unpack,
+    updates_endpoint,
+)
+from runtime.logs import configure_logging
 
 log = logging.getLogger("coordinator")
 
@@ -37,29 +45,6 @@ WORKER_SILENCE_LIMIT = 3.0  # a worker silent this long is dropped
 # one per PUBLISH_MIN_INTERVAL seconds; see _publish_due and coordinator.pacing.
 PUBLISH_MIN_INTERVAL = 0.005
 PUBLISH_BURST = 10
-
-
-def router_endpoint(runtime_dir: Path) -> str:
-    return f"ipc://{runtime_dir / 'coordinator.sock'}"
-
-
-def updates_endpoint(runtime_dir: Path) -> str:
-    return f"ipc://{runtime_dir / 'updates.sock'}"
-
-
-def pack(message: object) -> bytes:
-    return msgpack.packb(message, use_bin_type=True)
-
-
-def unpack(data: bytes) -> list:
-    return msgpack.unpackb(data, raw=False, use_list=True)
-
-
-def _bind(sock: zmq.Socket, endpoint: str) -> None:
-    path = endpoint.removeprefix("ipc://")
-    if os.path.exists(path):
-        os.unlink(path)  # left by a coordinator that was killed
-    sock.bind(endpoint)
 
 
 class CoordinatorService:
@@ -81,9 +66,9 @@ class CoordinatorService:
         self.reporter = self.context.socket(zmq.PUSH)  # stats for the supervisor
         self.reporter.setsockopt(zmq.LINGER, 0)
         self.reporter.setsockopt(zmq.SNDHWM, 10)
-        self.reporter.connect(f"ipc://{runtime_dir / 'supervisor.sock'}")
-        _bind(self.router, router_endpoint(runtime_dir))
-        _bind(self.publisher, updates_endpoint(runtime_dir))
+        self.reporter.connect(supervisor_endpoint(runtime_dir))
+        bind_ipc(self.router, router_endpoint(runtime_dir))
+        bind_ipc(self.publisher, updates_endpoint(runtime_dir))
         self.running = True
         self.updates_published = 0
         self._unpublished: list[tuple[int, tuple]] = []  # sequenced, not yet sent

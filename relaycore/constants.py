@@ -3,7 +3,6 @@
 from enum import IntEnum
 
 CRYPTO_PUBLIC_KEY_SIZE = 32
-CRYPTO_SECRET_KEY_SIZE = 32
 CRYPTO_NONCE_SIZE = 24
 CRYPTO_MAC_SIZE = 16
 
@@ -16,10 +15,6 @@ MAX_PLAINTEXT_SIZE = MAX_PACKET_SIZE - CRYPTO_MAC_SIZE  # 2032
 TCP_MAX_OOB_DATA_LENGTH = 1024
 NUM_RESERVED_PORTS = 16  # packet ids 0..15 are control packets
 NUM_CLIENT_CONNECTIONS = 240  # routing slots per connection, ids 16..255
-
-TCP_PING_FREQUENCY = 30.0  # seconds (R-PING-2)
-TCP_PING_TIMEOUT = 10.0  # seconds (R-PING-4)
-TCP_CONNECTION_TIMEOUT = 10.0  # client side: confirmed within this (R-TIME-3)
 
 # Onion / forwarding length rules that the relay core checks (onion-over-tcp.md).
 ONION_SEND_BASE = CRYPTO_PUBLIC_KEY_SIZE + 19 + CRYPTO_MAC_SIZE  # 67
@@ -44,13 +39,3 @@ class PacketId(IntEnum):
     ONION_RESPONSE = 9
     FORWARD_REQUEST = 10
     FORWARDING = 11
-
-
-def slot_to_connection_id(slot: int) -> int:
-    """Slot index 0..239 -> the id a client sees (16..255)."""
-    return slot + NUM_RESERVED_PORTS
-
-
-def connection_id_to_slot(connection_id: int) -> int:
-    """Id 16..255 -> slot 0..239; anything else maps outside 0..239 (R-DISC-2)."""
-    return (connection_id - NUM_RESERVED_PORTS) % 256

@@ -6,6 +6,7 @@ the connection. ``decode_client_packet`` is what a server accepts from a
 client; ``decode_server_packet`` is what a client accepts from a server.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from relaycore.constants import (
@@ -149,6 +150,41 @@ def encode(packet: Packet) -> bytes:
     raise TypeError(f"not a packet: {packet!r}")
 
 
+# The server's packets as the relay sends them: plain functions of plain
+# values (no packet object on the relay's paths). The one packet of the hot
+# path, routed data, is the client's frame with its first byte rewritten
+# (relay.py ``_handle_packet``).
+
+_REFUSED = b"\x01\x00"  # a ROUTING_RESPONSE with connection id 0
+
+
+def routing_response(slot: int | None, public_key: bytes) -> bytes:
+    """ROUTING_RESPONSE for routing slot ``slot`` (None: refused, id 0)."""
+    if slot is None:
+        return _REFUSED + public_key
+    return bytes((PacketId.ROUTING_RESPONSE, slot + NUM_RESERVED_PORTS)) + public_key
+
+
+def connect_notification(slot: int) -> bytes:
+    return bytes((PacketId.CONNECTION_NOTIFICATION, slot + NUM_RESERVED_PORTS))
+
+
+def disconnect_notification(slot: int) -> bytes:
+    return bytes((PacketId.DISCONNECT_NOTIFICATION, slot + NUM_RESERVED_PORTS))
+
+
+def server_ping(ping_id: bytes) -> bytes:
+    return b"\x04" + ping_id
+
+
+def pong(ping_id: bytes) -> bytes:
+    return b"\x05" + ping_id
+
+
+def oob_receive(sender: bytes, data: bytes) -> bytes:
+    return b"\x07" + sender + data
+
+
 # --------------------------------------------------------------------------
 # Decoders
 # --------------------------------------------------------------------------
@@ -168,6 +204,31 @@ def forward_address_length(family: int) -> int | None:
     return None
 
 
+_PING_SIZE = 1 + SERVER_PING_ID_SIZE
+
+# The packets of one exact length, per direction: id -> (length, the rule
+# that kills when it differs, the value from the plaintext).
+_FROM_CLIENT: dict[int, tuple[int, str, Callable[[bytes], Packet]]] = {
+    PacketId.ROUTING_REQUEST: (1 + _PK, "R-ROUTE-1", lambda p: RoutingRequest(p[1:])),
+    PacketId.CONNECTION_NOTIFICATION: (2, "R-NOTIF-1", lambda p: ConnectNotification(p[1])),
+    PacketId.DISCONNECT_NOTIFICATION: (2, "R-DISC-1", lambda p: DisconnectNotification(p[1])),
+    PacketId.PING: (_PING_SIZE, "R-PING-1", lambda p: Ping(p[1:])),
+    PacketId.PONG: (_PING_SIZE, "R-PING-3", lambda p: Pong(p[1:])),
+}
+_FROM_SERVER: dict[int, tuple[int, str, Callable[[bytes], Packet]]] = {
+    PacketId.ROUTING_RESPONSE: (2 + _PK, "R-ROUTE-5", lambda p: RoutingResponse(p[1], p[2:])),
+    PacketId.CONNECTION_NOTIFICATION: (2, "R-ROUTE-6", lambda p: ConnectNotification(p[1])),
+    PacketId.DISCONNECT_NOTIFICATION: (2, "R-DISC-3", lambda p: DisconnectNotification(p[1])),
+    PacketId.PING: (_PING_SIZE, "R-PING-2", lambda p: Ping(p[1:])),
+    PacketId.PONG: (_PING_SIZE, "R-PING-1", lambda p: Pong(p[1:])),
+}
+
+
+def _fixed_size(plain: bytes, size: int, rule: str, make: Callable[[bytes], Packet]) -> Packet:
+    _exact(plain, size, rule)
+    return make(plain)
+
+
 def decode_client_packet(plain: bytes) -> Packet:
     """A plaintext a client sent to the server; kill rules of §8 as errors."""
     if not plain:
@@ -175,21 +236,9 @@ def decode_client_packet(plain: bytes) -> Packet:
     packet_id = plain[0]
     if packet_id >= NUM_RESERVED_PORTS:
         return RoutedData(packet_id, plain[1:])  # R-DATA-1: any length
-    if packet_id == PacketId.ROUTING_REQUEST:
-        _exact(plain, 1 + _PK, "R-ROUTE-1")
-        return RoutingRequest(plain[1:])
-    if packet_id == PacketId.CONNECTION_NOTIFICATION:
-        _exact(plain, 2, "R-NOTIF-1")
-        return ConnectNotification(plain[1])
-    if packet_id == PacketId.DISCONNECT_NOTIFICATION:
-        _exact(plain, 2, "R-DISC-1")
-        return DisconnectNotification(plain[1])
-    if packet_id == PacketId.PING:
-        _exact(plain, 1 + SERVER_PING_ID_SIZE, "R-PING-1")
-        return Ping(plain[1:])
-    if packet_id == PacketId.PONG:
-        _exact(plain, 1 + SERVER_PING_ID_SIZE, "R-PING-3")
-        return Pong(plain[1:])
+    fixed = _FROM_CLIENT.get(packet_id)
+    if fixed is not None:
+        return _fixed_size(plain, *fixed)
     if packet_id == PacketId.OOB_SEND:
         data_length = len(plain) - 1 - _PK
         if data_length <= 0 or data_length > TCP_MAX_OOB_DATA_LENGTH:
@@ -225,21 +274,9 @@ def decode_server_packet(plain: bytes) -> Packet:
     packet_id = plain[0]
     if packet_id >= NUM_RESERVED_PORTS:
         return RoutedData(packet_id, plain[1:])
-    if packet_id == PacketId.ROUTING_RESPONSE:
-        _exact(plain, 2 + _PK, "R-ROUTE-5")
-        return RoutingResponse(plain[1], plain[2:])
-    if packet_id == PacketId.CONNECTION_NOTIFICATION:
-        _exact(plain, 2, "R-ROUTE-6")
-        return ConnectNotification(plain[1])
-    if packet_id == PacketId.DISCONNECT_NOTIFICATION:
-        _exact(plain, 2, "R-DISC-3")
-        return DisconnectNotification(plain[1])
-    if packet_id == PacketId.PING:
-        _exact(plain, 1 + SERVER_PING_ID_SIZE, "R-PING-2")
-        return Ping(plain[1:])
-    if packet_id == PacketId.PONG:
-        _exact(plain, 1 + SERVER_PING_ID_SIZE, "R-PING-1")
-        return Pong(plain[1:])
+    fixed = _FROM_SERVER.get(packet_id)
+    if fixed is not None:
+        return _fixed_size(plain, *fixed)
     if packet_id == PacketId.OOB_RECV:
         if len(plain) <= 1 + _PK:
             raise ProtocolViolation("R-OOB-2", "OOB receive without data")

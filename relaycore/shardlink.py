@@ -12,6 +12,9 @@ connection never reaches a newer one with the same key:
     (UNLINK, from_pk, from_epoch, to_pk, to_epoch)           that link has ended
     (DATA,   from_pk, from_epoch, to_pk, to_epoch, payload)  routed data (R-DATA-4)
     (OOB,    from_pk, to_pk, to_epoch, data)                 OOB (R-OOB-2)
+    (OOB_FORWARDED, from_pk, to_pk, to_epoch, data)          the same, sent on by the shard
+                                                              of a replaced to_epoch to the
+                                                              key's current one (once)
     (REPLY,  to_epoch, plain)                                 a UDP onion/forward reply,
                                                               as type 9/11 (R-ORET-5, R-FWD-5)
 
@@ -32,20 +35,22 @@ dropped a shard that fell silent (it may be alive, e.g. SIGSTOPped, and
 speak again with the same id).
 """
 
+from dataclasses import dataclass
 from enum import IntEnum
 
 ShardId = int
-# A cluster-unique id of one client connection: (shard incarnation << 32) | counter.
+# A cluster-unique id of one client connection: (shard << 32) | counter. A shard
+# id is never reused: a restarted worker is a new shard.
 Epoch = int
 
 EPOCH_COUNTER_BITS = 32
 # Epochs are u64 on the wire (the onion / forward sendback, msgpack on the
-# bus): the incarnation takes the high 32 bits, the counter the low 32. The
-# counter never carries into the incarnation (issue 10 finding 9): a server
+# bus): the shard id takes the high 32 bits, the counter the low 32. The
+# counter never carries into the shard id (issue 10 finding 9): a server
 # whose counter is spent confirms no one more, and its worker is replaced by
-# a fresh incarnation well before that (EPOCH_RENEW_MARGIN).
+# a fresh shard well before that (EPOCH_RENEW_MARGIN).
 EPOCH_COUNTER_MAX = (1 << EPOCH_COUNTER_BITS) - 1
-INCARNATION_MAX = (1 << (64 - EPOCH_COUNTER_BITS)) - 1
+SHARD_ID_MAX = (1 << (64 - EPOCH_COUNTER_BITS)) - 1
 EPOCH_RENEW_MARGIN = 1 << 24  # epochs left when a worker asks to be replaced
 
 
@@ -57,6 +62,7 @@ class Link(IntEnum):
     OOB = 5
     NOLINK = 6
     REPLY = 7
+    OOB_FORWARDED = 8
 
 
 class Registry(IntEnum):
@@ -68,3 +74,12 @@ class MapUpdate(IntEnum):
     SET = 1
     DEL = 2
     DROP_SHARD = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RemotePeer:
+    """The far end of a link to a client on another shard."""
+
+    shard: ShardId
+    public_key: bytes
+    epoch: Epoch

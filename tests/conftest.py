@@ -2,9 +2,9 @@
 
 import pytest
 
-from tests.support.bootstrapd import reference_relay  # noqa: F401
+from testbed.bootstrapd import reference_relay  # noqa: F401
+from testbed.relay_process import relay_process  # noqa: F401
 from tests.support.outcome import CALL_FAILED
-from tests.support.relay_process import relay_process  # noqa: F401
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

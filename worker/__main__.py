@@ -16,18 +16,20 @@ import json
 import sys
 from pathlib import Path
 
+import uvloop
+
 from relaycore.onion import OnionSecrets
 from relaycore.options import RelayOptions
-from worker.logs import configure_logging
+from runtime.logs import configure_logging
+from runtime.sockets import open_listening_socket, open_udp_socket
 from worker.process import (
     ClusterSpec,
     ListenSpec,
     OnionSpec,
     bind_listeners,
     raise_open_file_limit,
-    run_shard,
+    serve_until_stopped,
 )
-from worker.shard import open_listening_socket, open_udp_socket
 
 
 def main() -> int:
@@ -65,15 +67,17 @@ def main() -> int:
         with contextlib.suppress(OSError):  # the supervisor is gone (why we stopped)
             print("FINAL " + json.dumps(report, separators=(",", ":")), flush=True)
 
-    run_shard(
-        bytes.fromhex(spec["secret_key"]),
-        RelayOptions(**spec["options"]),
-        sockets,
-        announce,
-        ClusterSpec(shard_id, Path(spec["runtime_dir"])),
-        spec["backlog"],
-        onion,
-        hand_over,
+    uvloop.run(  # until SIGINT / SIGTERM
+        serve_until_stopped(
+            bytes.fromhex(spec["secret_key"]),
+            RelayOptions(**spec["options"]),
+            sockets,
+            announce,
+            ClusterSpec(shard_id, Path(spec["runtime_dir"])),
+            spec["backlog"],
+            onion,
+            hand_over,
+        )
     )
     return 0
 

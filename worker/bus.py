@@ -27,6 +27,8 @@ from pathlib import Path
 import msgpack
 import zmq
 
+from runtime.ipc import bind_ipc, shard_endpoint
+
 log = logging.getLogger("worker.bus")
 
 # Bounds: a batch holds at most MAX_BATCH_BYTES of payload (larger turns are
@@ -37,10 +39,6 @@ MAX_BATCH_BYTES = 64 * 1024
 SEND_HIGH_WATER_MARK = 256
 RECEIVE_HIGH_WATER_MARK = 1024
 RECEIVE_BATCHES_PER_TURN = 256
-
-
-def shard_endpoint(runtime_dir: Path, shard: int) -> str:
-    return f"ipc://{runtime_dir / f'shard-{shard}.sock'}"
 
 
 def _split(messages: list) -> list[list]:
@@ -77,11 +75,7 @@ class PeerBus:
         self.pull = self.context.socket(zmq.PULL)
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.setsockopt(zmq.RCVHWM, RECEIVE_HIGH_WATER_MARK)
-        endpoint = shard_endpoint(runtime_dir, shard)
-        path = Path(endpoint.removeprefix("ipc://"))
-        if path.exists():
-            path.unlink()
-        self.pull.bind(endpoint)
+        bind_ipc(self.pull, shard_endpoint(runtime_dir, shard))
         self._push: dict[int, zmq.Socket] = {}
         self._gone: set[int] = set()  # exited shards (ids grow; a few ints per restart)
         self._outgoing: dict[int, list] = {}

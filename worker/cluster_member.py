@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordinator.client import CoordinatorClient, ReplicaHandler
+from coordinator.client import CoordinatorClient, CoordinatorHandler
+from relaycore.crossshard import CrossShard
 from relaycore.shardlink import MapUpdate
 from worker.bus import PeerBus
 from worker.reporting import StatsReporter, shard_report
@@ -18,18 +19,20 @@ from worker.shard import Shard
 CLOSE_LINGER_MS = 1000  # bounded wait for the last messages at shutdown
 
 
-class ClusterMember(ReplicaHandler):
+class ClusterMember(CoordinatorHandler):
     def __init__(self, shard: Shard, runtime_dir: Path) -> None:
         server = shard.server
-        assert server.shard is not None, "a cluster member needs RelayServer(shard=...)"
+        links = server.cluster
+        assert isinstance(links, CrossShard), "a cluster member needs RelayServer(shard=...)"
         self.shard = shard
         self.server = server
+        self.links = links
         faults = shard.faults
         self.bus = PeerBus(
-            runtime_dir, server.shard, shard.loop, self._deliver, on_error=faults.contained
+            runtime_dir, links.shard, shard.loop, self._deliver, on_error=faults.contained
         )
         self.coordinator = CoordinatorClient(
-            runtime_dir, server.shard, shard.loop, self, on_error=faults.contained
+            runtime_dir, links.shard, shard.loop, self, on_error=faults.contained
         )
         self.reporter = StatsReporter(shard, runtime_dir, self._cluster_counters)
         shard.after_flush = self._after_flush
@@ -44,17 +47,16 @@ class ClusterMember(ReplicaHandler):
         return counters
 
     def _after_flush(self) -> None:
-        server = self.server
-        bus = server.take_bus()
+        bus = self.links.take_bus(self.shard.loop.time())
         if bus:
             self.bus.send(bus)
-        registry = server.take_registry()
+        registry = self.links.take_registry()
         if registry:
             self.coordinator.send_events(registry)
 
     def _deliver(self, from_shard: int, batch: list) -> None:
         """Each message on its own: one that raises is counted and skipped."""
-        receive_link = self.server.receive_link
+        receive_link = self.links.receive_link
         now = self.shard.loop.time()
         for message in batch:
             try:
@@ -64,27 +66,27 @@ class ClusterMember(ReplicaHandler):
                 self.shard.check_core()
         self.shard.flush()
 
-    # ReplicaHandler
-    def apply_map_update(self, update: tuple) -> None:
-        self.server.apply_map_update(update)
+    # CoordinatorHandler
+    def apply_map_update(self, update: tuple, now: float) -> None:
+        self.links.apply_map_update(update, now)
         if update[0] == MapUpdate.DROP_SHARD:
             _, shard, exited = update
             # Only a shard whose process is gone is forgotten: one dropped for
             # silence may be alive (SIGSTOP) and speak again with the same id.
-            if exited and shard != self.server.shard:
+            if exited and shard != self.links.shard:
                 self.bus.forget(shard)
 
-    def reset_directory(self, entries: list, merge: bool, request: int | None) -> None:
-        self.server.reset_directory(entries, merge=merge, request=request)
+    def reset_directory(self, entries: list, merge: bool, request: int | None, now: float) -> None:
+        self.links.reset_directory(entries, now, merge=merge, request=request)
 
     def snapshot_requested(self, request: int, events_delivered: bool) -> None:
-        self.server.snapshot_requested(request, events_delivered)
+        self.links.snapshot_requested(request, events_delivered)
 
     def registrations(self) -> list[tuple[bytes, int]]:
-        return self.server.registrations()
+        return self.links.registrations()
 
-    def set_peer_shards(self, shards: list[int]) -> None:
-        self.server.set_peer_shards(shards)
+    def set_peer_shards(self, shards: list[int], now: float) -> None:
+        self.links.set_peer_shards(shards, now)
 
     def after_input(self) -> None:
         self.shard.flush()

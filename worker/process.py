@@ -13,12 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import uvloop
-
 from relaycore.onion import OnionSecrets
 from relaycore.options import RelayOptions
+from runtime.sockets import open_listening_socket
 from worker.cluster_member import ClusterMember
-from worker.shard import Shard, open_listening_socket
+from worker.shard import Shard
 
 log = logging.getLogger("worker")
 
@@ -143,7 +142,7 @@ async def serve_until_stopped(
                 "shard %d has %d epochs left: exiting so that the supervisor starts a fresh "
                 "shard (an epoch must never reach another shard's)",
                 cluster.shard_id,
-                shard.server.epochs_left,
+                shard.server.cluster.epochs_left,
             )
             stopping.set()
 
@@ -162,21 +161,3 @@ async def serve_until_stopped(
         member.close()  # sends the UNLINK / UNREGISTER messages the stop produced
         if on_stopped is not None:
             on_stopped(member.final_report())
-
-
-def run_shard(
-    secret_key: bytes,
-    options: RelayOptions,
-    sockets: list[socket.socket],
-    on_ready: Callable[[list[str]], None],
-    cluster: ClusterSpec | None = None,
-    backlog: int = 1024,
-    onion: OnionSpec | None = None,
-    on_stopped: Callable[[dict], None] | None = None,
-) -> None:
-    """Serve on ``sockets`` with uvloop until SIGINT/SIGTERM."""
-    uvloop.run(
-        serve_until_stopped(
-            secret_key, options, sockets, on_ready, cluster, backlog, onion, on_stopped
-        )
-    )

@@ -18,13 +18,10 @@ import msgpack
 import zmq
 
 from relaycore.relay import ConnectionState
+from runtime.ipc import supervisor_endpoint
 from worker.shard import Shard
 
 REPORT_INTERVAL = 1.0
-
-
-def supervisor_endpoint(runtime_dir: Path) -> str:
-    return f"ipc://{runtime_dir / 'supervisor.sock'}"
 
 
 def resident_memory_bytes() -> int:

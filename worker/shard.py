@@ -48,49 +48,6 @@ READ_BYTES_PER_TURN = 64 * 1024
 EMPTY_FRAMES_PAUSE = 0.01  # seconds
 
 
-def bind_reuseport(host: str, port: int, kind: int) -> socket.socket:
-    """A socket of ``kind`` (SOCK_STREAM / SOCK_DGRAM) bound to ``host:port``
-    with SO_REUSEADDR and SO_REUSEPORT, so every shard can bind the same port;
-    "::" is dual-stack. Closed again if anything fails."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, kind)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind((host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def open_listening_socket(host: str, port: int, backlog: int) -> socket.socket:
-    """A TCP listener with SO_REUSEADDR and SO_REUSEPORT set, not yet serving."""
-    sock = bind_reuseport(host, port, socket.SOCK_STREAM)
-    try:
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def open_udp_socket(host: str, port: int) -> socket.socket:
-    """The onion / forwarding UDP socket, SO_REUSEPORT so every shard binds the
-    same port and a reply may arrive at any of them."""
-    try:
-        sock = bind_reuseport(host, port, socket.SOCK_DGRAM)
-    except OSError as error:
-        raise OSError(
-            error.errno, f"cannot bind UDP port {port} on {host}: {error.strerror}"
-        ) from None
-    sock.setblocking(False)
-    return sock
-
-
 class DatagramEndpoint(asyncio.DatagramProtocol):
     """Moves UDP datagrams (onion and forward replies) into the shard's core."""
 
@@ -245,18 +202,20 @@ class ClientProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         # The client is not reading: stop reading from it too, and let the core
         # see the backlog so it drops non-priority packets for it.
-        transport, connection = self.transport, self.connection
-        if transport is None or connection is None:
-            return
-        connection.transport_backlog = transport.get_write_buffer_size()
-        self._pause(_WRITING)
+        if self._note_backlog():
+            self._pause(_WRITING)
 
     def resume_writing(self) -> None:
+        if self._note_backlog():
+            self._resume(_WRITING)
+
+    def _note_backlog(self) -> bool:
+        """Tell the core what the transport still holds; False when closed."""
         transport, connection = self.transport, self.connection
         if transport is None or connection is None:
-            return
+            return False
         connection.transport_backlog = transport.get_write_buffer_size()
-        self._resume(_WRITING)
+        return True
 
 
 class Shard:
@@ -272,17 +231,11 @@ class Shard:
         onion_secrets: OnionSecrets | None = None,
     ) -> None:
         """``shard_id``: cluster-unique id of this worker process (None = a
-        stand-alone relay); it is also the incarnation part of its epochs."""
+        stand-alone relay); it is also the high 32 bits of its epochs."""
         self.loop = loop
         self.tick_interval = tick_interval
         self.options = options
-        self.server = RelayServer(
-            secret_key,
-            options,
-            shard=shard_id,
-            incarnation=shard_id or 0,
-            onion_secrets=onion_secrets,
-        )
+        self.server = RelayServer(secret_key, options, shard=shard_id, onion_secrets=onion_secrets)
         self._udp: asyncio.DatagramTransport | None = None
         self._udp_is_v6 = False
         self._servers: list[asyncio.AbstractServer] = []
@@ -290,7 +243,7 @@ class Shard:
         self.refusals = 0
         self.after_flush: Callable[[], None] | None = None  # the cluster link's hook
         # Called once when the core's epochs run low: the process must be
-        # replaced by a fresh incarnation (a new shard id) before they run out.
+        # replaced by a fresh worker (a new shard id) before they run out.
         self.on_epochs_low: Callable[[], None] | None = None
         self.loop_lag = 0.0
         self._tick_due = 0.0
@@ -316,7 +269,7 @@ class Shard:
         own = host_addresses() | bound_addresses(
             sockets + ([udp_socket] if udp_socket is not None else [])
         )
-        self.server.next_hops = NextHopPolicy(
+        self.server.first_hop.next_hops = NextHopPolicy(
             self.options.allow_private_next_hops,
             own,
             [udp_socket.getsockname()[1]] if udp_socket is not None else [],
@@ -341,14 +294,12 @@ class Shard:
         server = self.server
         for connection in server.take_dirty():
             transport = connection.handle
-            outbox = connection.outbox
-            if transport is None or not outbox:
+            data = connection.data_to_send()
+            if transport is None or not data:
                 continue
-            transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))  # type: ignore[attr-defined]
-            outbox.clear()
-            connection.outbox_size = 0
+            transport.write(data)  # type: ignore[attr-defined]
             connection.transport_backlog = transport.get_write_buffer_size()  # type: ignore[attr-defined]
-        if server.datagrams:
+        if server.first_hop.datagrams:
             self._send_datagrams(server.take_datagrams())
         if self.after_flush is not None:
             self.after_flush()
@@ -456,7 +407,7 @@ class Shard:
         if self._tick_failures >= MAX_TICK_FAILURES:
             self.on_broken(f"the timer failed {self._tick_failures} times in a row")
         self.check_core()
-        if self.on_epochs_low is not None and self.server.epochs_left < EPOCH_RENEW_MARGIN:
+        if self.on_epochs_low is not None and self.server.cluster.epochs_left < EPOCH_RENEW_MARGIN:
             on_epochs_low, self.on_epochs_low = self.on_epochs_low, None
             on_epochs_low()
 

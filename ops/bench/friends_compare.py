@@ -6,8 +6,8 @@ Run from the repository root (needs libtoxcore2 and toxcore-utils)::
                                         [--file-size BYTES] [--rtt-rounds N] [--json]
 
 One private 3-node DHT (tox-bootstrapd, TCP relays off) on loopback serves every run.
-Each round runs the scenario of ``tests/interop/friends.py`` once per relay (the
-relays of ``tests/interop/relay_kinds.py``, each started fresh for the run and
+Each round runs the scenario of ``testbed/friends.py`` once per relay (the
+relays of ``testbed/relay_kinds.py``, each started fresh for the run and
 stopped after it), and the order of the relays rotates every round so that
 background load on a small shared machine hits each alike. Per run:
 
@@ -30,29 +30,23 @@ the connection times, the relay's per-hop latency the RTT (tox-bootstrapd sleeps
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import shlex
-import signal
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.interop.friends import ScenarioConfig, run_friends_scenario  # noqa: E402
-from tests.interop.relay_kinds import RELAY_KINDS, start_relay_under_test  # noqa: E402
-from tests.interop.toxcore import load_toxcore, toxcore_error  # noqa: E402
-from tests.support.bootstrapd import bootstrapd_available  # noqa: E402
-from tests.support.toxdht import start_private_dht  # noqa: E402
+from ops.bench import common  # noqa: E402
+from testbed.bootstrapd import bootstrapd_available  # noqa: E402
+from testbed.friends import ScenarioConfig, run_friends_scenario  # noqa: E402
+from testbed.relay_kinds import RELAY_KINDS, start_relay_under_test  # noqa: E402
+from testbed.toxcore import load_toxcore, toxcore_error  # noqa: E402
+from testbed.toxdht import start_private_dht  # noqa: E402
 
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("self_online_s", "self online", "s"),
@@ -108,7 +102,8 @@ def render_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> st
         "toxcore friends end to end: tox-bootstrapd 0.2.18 vs our relay -- loopback, interleaved",
         f"date:     {meta['date']}",
         f"command:  {meta['command']}",
-        f"machine:  nproc={meta['nproc']}, kernel {meta['kernel']}, Python {meta['python']}",
+        f"machine:  nproc={meta['machine']['nproc']}, kernel {meta['machine']['kernel']}, "
+        f"Python {meta['machine']['python']}",
         f"settings: rounds={meta['rounds']}, file {meta['file_size']} B, "
         f"{meta['rtt_rounds']} RTT samples per run, private DHT of 3 nodes",
         "values:   median over successful runs",
@@ -130,10 +125,6 @@ def render_table(summary: dict[str, dict[str, Any]], meta: dict[str, Any]) -> st
             lines.append(f"{kind}: first error: {summary[kind]['first_error']}")
     lines.append(f"total wall time: {meta['wall_s']:.1f} s")
     return "\n".join(lines)
-
-
-def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -173,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         file_timeout_s=max(30.0, args.file_size / 50_000),
         total_timeout_s=90.0 + max(30.0, args.file_size / 50_000),
     )
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    header = common.run_header()
+    common.stop_on_signals()
     wall_start = time.perf_counter()
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in args.relay_kinds}
     with tempfile.TemporaryDirectory(prefix="friends-compare-") as tmp:
@@ -195,27 +186,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             dht.stop()
     meta: dict[str, Any] = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "nproc": len(os.sched_getaffinity(0)),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+        **header,
         "rounds": args.rounds,
         "file_size": args.file_size,
         "rtt_rounds": args.rtt_rounds,
         "wall_s": time.perf_counter() - wall_start,
     }
-    summary = summarize(runs)
-    if args.json:
-        print(json.dumps({**meta, "summary": summary, "runs": runs}, default=str))
-    else:
-        print(render_table(summary, meta))
+    common.print_report(args.json, meta, summarize(runs), ("runs", runs), render_table)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; relays stopped", file=sys.stderr)
-        sys.exit(130)
+    common.run_main(main, "relays")

@@ -5,9 +5,9 @@ Run from the repository root (needs libtoxcore2, toxcore-utils and strace)::
 
     python ops/bench/friends_udp_trace.py [--relay bootstrapd|ours-1w|...] [--file-size BYTES]
 
-Starts the private 3-node DHT and the relay (``tests/interop/relay_kinds.py``),
+Starts the private 3-node DHT and the relay (``testbed/relay_kinds.py``),
 attaches ``strace`` to every process of the relay (for our cluster: supervisor,
-coordinator and workers), runs the friends scenario once (``tests/interop/friends.py``),
+coordinator and workers), runs the friends scenario once (``testbed/friends.py``),
 and prints the datagrams the relay's processes sent or received, grouped by
 direction, first byte (packet id), peer (``node-i`` of the DHT, or a port) and size.
 TCP traffic is left out (its syscalls carry no address). Diagnostic only: strace
@@ -32,9 +32,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.interop.friends import ScenarioConfig, run_friends_scenario  # noqa: E402
-from tests.interop.relay_kinds import RELAY_KINDS, start_relay_under_test  # noqa: E402
-from tests.support.toxdht import start_private_dht  # noqa: E402
+from testbed.friends import ScenarioConfig, run_friends_scenario  # noqa: E402
+from testbed.relay_kinds import RELAY_KINDS, start_relay_under_test  # noqa: E402
+from testbed.toxdht import start_private_dht  # noqa: E402
 
 _CALLS = "sendto,recvfrom,sendmsg,recvmsg,sendmmsg,recvmmsg"
 _CALL_RE = re.compile(r"\b(sendto|recvfrom|sendmsg|recvmsg|sendmmsg|recvmmsg)\(")

@@ -40,12 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import os
-import platform
-import shlex
-import signal
 import statistics
 import sys
 import tempfile
@@ -54,17 +49,15 @@ from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: the repo
 
-import uvloop  # noqa: E402
+import uvloop
 
-from cluster.client import RelayClient  # noqa: E402
-from relaycore.packets import (  # noqa: E402
+from cluster.client import RelayClient
+from ops.bench import common
+from relaycore.packets import (
     ConnectNotification,
     Packet,
     Ping,
@@ -72,8 +65,8 @@ from relaycore.packets import (  # noqa: E402
     RoutedData,
     RoutingResponse,
 )
-from tests.support.bootstrapd import start_bootstrapd  # noqa: E402
-from tests.support.relay_process import start_relay  # noqa: E402
+from testbed.bootstrapd import start_bootstrapd
+from testbed.relay_process import start_relay
 
 REFERENCE = "bootstrapd"
 OURS = "ours"
@@ -398,28 +391,6 @@ async def run_rounds(
     return results
 
 
-def machine_info() -> dict[str, Any]:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        nproc = len(os.sched_getaffinity(0))
-    except AttributeError:
-        nproc = os.cpu_count() or 0
-    return {
-        "nproc": nproc,
-        "cpu_model": model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "uvloop": uvloop.__version__,
-    }
-
-
 def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
     """Median over rounds per relay and metric, plus ratio ours/bootstrapd."""
     summary: dict[str, dict[str, float]] = {}
@@ -431,17 +402,6 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, dict[str,
         row["ratio"] = row.get(OURS, float("nan")) / ref if ref else float("nan")
         summary[key] = row
     return summary
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN (no samples) as null, so the JSON line is strict JSON."""
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _fmt(value: float) -> str:
@@ -506,24 +466,12 @@ def started_relays(workroot: Path) -> Iterator[dict[str, Relay]]:
                 print(f"warning: stopping {relay!r} failed: {error}", file=sys.stderr)
 
 
-def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    common.add_pair_arguments(parser)
     add = parser.add_argument
-    add("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    add("--json", action="store_true", help="print one JSON line instead of the table")
     add("--connections", type=int, default=300, help="handshake phase: connections C")
     add("--concurrency", type=int, default=32, help="handshake phase: concurrency K")
-    add("--rtt-count", type=int, default=2000, help="RTT phase: round trips N per series")
-    add("--rtt-size", type=int, default=100, help="RTT phase: data payload bytes")
-    add("--rtt-time-limit", type=float, default=6.0, help="RTT phase: max seconds per series")
-    add("--window", type=int, default=32, help="throughput phase: frames in flight W")
-    add("--frame-size", type=int, default=1024, help="throughput phase: payload bytes")
-    add("--duration", type=float, default=3.0, help="throughput phase: seconds measured")
-    add("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.connections < 1 or args.concurrency < 1 or args.window < 1:
         parser.error("rounds, connections, concurrency and window must be >= 1")
@@ -534,24 +482,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = Settings(
-        rounds=args.rounds,
-        connections=args.connections,
-        concurrency=args.concurrency,
-        rtt_count=args.rtt_count,
-        rtt_size=args.rtt_size,
-        rtt_time_limit=args.rtt_time_limit,
-        window=args.window,
-        frame_size=args.frame_size,
-        duration=args.duration,
-    )
-    command = shlex.join([sys.executable, *sys.argv])
-    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    # Ctrl-C and SIGTERM both unwind through the ``finally`` that stops the relays
-    # (SIGINT explicitly too: a shell's background job starts with it ignored).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    wall_start = time.perf_counter()
+    settings, header, wall_start = common.start_run(args, Settings)
     with (
         tempfile.TemporaryDirectory(prefix="pair-compare-") as tmp,
         started_relays(Path(tmp)) as relays,
@@ -563,25 +494,10 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         results = uvloop.run(run_rounds(relays, settings, progress=not args.quiet))
-    meta: dict[str, Any] = {
-        "date": date,
-        "command": command,
-        "machine": machine_info(),
-        "settings": vars(settings),
-        "wall_s": time.perf_counter() - wall_start,
-    }
-    summary = summarize(results)
-    if args.json:
-        report = {**meta, "summary": summary, "rounds": results}
-        print(json.dumps(_json_safe(report), allow_nan=False))
-    else:
-        print(render_table(summary, meta))
+    meta = {**header, "settings": vars(settings), "wall_s": time.perf_counter() - wall_start}
+    common.print_report(args.json, meta, summarize(results), ("rounds", results), render_table)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; relays stopped", file=sys.stderr)
-        sys.exit(130)
+    common.run_main(main, "relays")

@@ -44,12 +44,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import json
 import os
 import re
-import shlex
-import signal
 import statistics
 import sys
 import tempfile
@@ -59,25 +55,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: the repo
 
-import uvloop  # noqa: E402
+import uvloop
 
-from ops.bench.pair_compare import (  # noqa: E402
+from ops.bench import common
+from ops.bench.pair_compare import (
     BenchClient,
     _await_link,
     _fmt,
-    _json_safe,
-    _raise_keyboard_interrupt,
     _round_trips,
     close_all,
-    machine_info,
     percentile,
 )
-from relaycore.packets import Packet, RoutedData  # noqa: E402
-from tests.support.relay_process import RelayProcess, start_relay  # noqa: E402
+from relaycore.packets import Packet, RoutedData
+from testbed.relay_process import RelayProcess, start_relay
 
 WORKERS = 2
 SAME = "same"
@@ -471,18 +463,10 @@ def render_table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    common.add_pair_arguments(parser)
     add = parser.add_argument
-    add("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    add("--json", action="store_true", help="print one JSON line instead of the table")
-    add("--rtt-count", type=int, default=2000, help="RTT: round trips N per series")
-    add("--rtt-size", type=int, default=100, help="RTT: data payload bytes")
-    add("--rtt-time-limit", type=float, default=6.0, help="RTT: max seconds per series")
-    add("--window", type=int, default=32, help="throughput: frames in flight W per pair")
-    add("--frame-size", type=int, default=1024, help="throughput: payload bytes")
-    add("--duration", type=float, default=3.0, help="throughput: seconds measured")
     add("--warmup", type=float, default=0.3, help="throughput: seconds before measuring")
     add("--pairs", type=int, default=4, help="aggregate: pairs P at once (even; 0 = skip)")
-    add("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.window < 1 or args.rtt_count < 1:
         parser.error("rounds, window and rtt-count must be >= 1")
@@ -495,23 +479,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    settings = Settings(
-        rounds=args.rounds,
-        rtt_count=args.rtt_count,
-        rtt_size=args.rtt_size,
-        rtt_time_limit=args.rtt_time_limit,
-        window=args.window,
-        frame_size=args.frame_size,
-        duration=args.duration,
-        warmup=args.warmup,
-        pairs=args.pairs,
-    )
-    command = shlex.join([sys.executable, *sys.argv])
-    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    # Ctrl-C and SIGTERM both unwind through the ``finally`` that stops the cluster.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    wall_start = time.perf_counter()
+    settings, header, wall_start = common.start_run(args, Settings)
     with tempfile.TemporaryDirectory(prefix="shard-compare-") as tmp:
         relay: RelayProcess | None = None
         try:
@@ -542,26 +510,15 @@ def main(argv: list[str] | None = None) -> int:
                 if code not in (0, None) and not args.quiet:
                     print(f"warning: cluster exited with {code}", file=sys.stderr)
     meta: dict[str, Any] = {
-        "date": date,
-        "command": command,
-        "machine": machine_info(),
+        **header,
         "workers": WORKERS,
         "shards": shard_text,
         "settings": vars(settings),
         "wall_s": time.perf_counter() - wall_start,
     }
-    summary = summarize(results)
-    if args.json:
-        report = {**meta, "summary": summary, "rounds": results}
-        print(json.dumps(_json_safe(report), allow_nan=False))
-    else:
-        print(render_table(summary, meta))
+    common.print_report(args.json, meta, summarize(results), ("rounds", results), render_table)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; cluster stopped", file=sys.stderr)
-        sys.exit(130)
+    common.run_main(main, "cluster")

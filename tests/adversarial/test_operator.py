@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.support.relay_process import start_relay
+from testbed.relay_process import start_relay
 
 ATTACKERS = 300
 SOURCES = [f"127.0.{i}.{j}" for i in (3, 4) for j in range(2, 12)]

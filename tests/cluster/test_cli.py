@@ -14,7 +14,7 @@ import pytest
 
 from cluster.client import RelayClient
 from cluster.keys import load_keys
-from tests.support.relay_process import start_relay
+from testbed.relay_process import start_relay
 
 CLI = [sys.executable, "-m", "cluster.cli"]
 

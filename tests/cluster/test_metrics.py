@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from cluster.client import RelayClient
 from cluster.metrics import ClusterCollector, ClusterStats
 from relaycore.packets import ConnectNotification, RoutedData, RoutingResponse
-from tests.support.relay_process import start_relay
+from testbed.relay_process import start_relay
 
 
 def report(frames_in: int, confirmed: int = 1, cpu: float = 0.5) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 from cluster.client import ConnectionClosed, RelayClient
 from cluster.supervisor import read_final_report
 from relaycore.packets import ConnectNotification, RoutedData, RoutingResponse
-from tests.support.relay_process import RelayProcess, start_relay
+from testbed.relay_process import RelayProcess, start_relay
 
 METRICS = ["--metrics", "127.0.0.1:0"]
 PACKETS = 40

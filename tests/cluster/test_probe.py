@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from nacl.bindings import crypto_scalarmult_base
 
-from tests.support.bootstrapd import ReferenceRelay
-from tests.support.relay_process import RelayProcess
+from testbed.bootstrapd import ReferenceRelay
+from testbed.relay_process import RelayProcess
 
 REPO = Path(__file__).resolve().parents[2]
 WRONG_KEY = crypto_scalarmult_base(bytes(range(1, 33))).hex()  # a valid key, another relay's

@@ -1,6 +1,6 @@
 """An N-shard relay cluster in one process, and the one-server reference.
 
-``SimulatedCluster(n_shards)`` wires N ``RelayServer(shard=i, incarnation=i)``
+``SimulatedCluster(n_shards)`` wires N ``RelayServer(shard=i)``
 shards (shard ids 1..N; a restarted worker is a new shard id, as
 docs/architecture.md builds it) and one ``coordinator.directory.Directory``
 with FIFO channels:
@@ -9,8 +9,10 @@ with FIFO channels:
   snapshot requests, behind the events as on the worker's one DEALER);
 * map-update channel, coordinator -> each shard (sequenced SET / DEL /
   DROP_SHARD, and heartbeats: live shards for ``set_peer_shards`` and the
-  last sequence number); the shard side follows coordinator/client.py (apply
-  in sequence; a gap buffers and fetches a snapshot, ``reset_directory``);
+  last sequence number), as the coordinator publishes them; each shard's
+  side is the real ``coordinator.replica.Replica`` (apply in sequence; a gap
+  buffers and fetches a snapshot, ``reset_directory``; a coordinator restart
+  re-registers and merges), as the worker's CoordinatorClient drives it;
 * snapshot channel, coordinator -> a shard that asked;
 * bus channel per ordered pair of shards (WANT, LINKED, NOLINK, UNLINK, DATA,
   OOB); a dead worker's messages already on the bus stay in flight, those
@@ -18,8 +20,10 @@ with FIFO channels:
 
 Faults: ``crash`` (a worker dies; DROP_SHARD; a new worker with a new id),
 ``stall`` (the coordinator drops a live worker; it sees its own DROP_SHARD,
-gives its clients new epochs and registers them again) and
-``lose_update`` (one map update to one worker is lost).
+gives its clients new epochs and registers them again), ``lose_update`` (one
+map update to one worker is lost: a gap, a snapshot) and
+``restart_coordinator`` (a new coordinator with an empty map: every replica
+registers its clients again and merges the new snapshot).
 
 Nothing moves by itself: ``deliver_one(choice)`` delivers the head of one
 non-empty channel picked by the caller, so a test chooses any interleaving
@@ -51,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coordinator.directory import Directory
+from coordinator.replica import Replica, Reregister, SnapshotRequest
 from relaycore.client import ClientConnection
 from relaycore.crypto import public_key_of
 from relaycore.errors import ProtocolViolation
@@ -66,8 +71,8 @@ from relaycore.packets import (
     RoutingRequest,
     RoutingResponse,
 )
-from relaycore.relay import ConnectionState, RelayServer, RemotePeer, ServerConnection, SlotState
-from relaycore.shardlink import Link, MapUpdate, Registry
+from relaycore.relay import ConnectionState, RelayServer, ServerConnection, SlotState
+from relaycore.shardlink import Link, MapUpdate, Registry, RemotePeer
 from tests.relaycore.harness import SERVER_SK, CountingRandom, secret_key_for
 
 # The core keeps connections in sets (``_wanting``, ``_remote_links``,
@@ -326,12 +331,9 @@ class _Driver:
         self._after_call(server)
 
     def _deliver(self, record: ClientRecord) -> None:
-        connection = record.connection
-        if not connection.outbox:
+        data = record.connection.data_to_send()
+        if not data:
             return
-        data = b"".join(connection.outbox)
-        connection.outbox.clear()
-        connection.outbox_size = 0
         if record.closed:  # R-KILL-1: a killed connection receives nothing
             record.violations.append(f"{record!r}: {len(data)} bytes after its close")
             return
@@ -397,15 +399,16 @@ class SimulatedCluster(_Driver):
         self.positions: list[int] = []
         # REGISTER / UNREGISTER events, and ("SNAPSHOT", request) requests, in order
         self.registry: dict[int, deque[tuple]] = {}
-        # (sequence, update), or (None, (live shard ids, sequence)): a heartbeat
-        self.updates: dict[int, deque[tuple[int | None, object]]] = {}
-        self.snapshots: dict[int, deque[tuple[int, list, int]]] = {}  # replies to requests
-        self.applied: dict[int, int] = {}  # last sequence applied, per shard
-        self.syncing: dict[int, list[tuple[int, tuple]]] = {}  # shard -> buffered updates
+        # The coordinator's publications: ["u", incarnation, [[sequence, update]]]
+        # (one update each) and heartbeats ["hb", incarnation, sequence, live shards]
+        self.updates: dict[int, deque[list]] = {}
+        # ["snapshot", incarnation, sequence, entries, request]
+        self.snapshots: dict[int, deque[list]] = {}
+        self.replicas: dict[int, Replica] = {}  # each shard's side, the real one
+        self.coordinator = 1  # its incarnation (a restart makes a new one)
         self.announced: set[int] = set()  # live shards, as the heartbeat lists them
         self.lost_updates = 0
-        self.resyncs = 0
-        self.snapshot_requests = 0
+        self.coordinator_restarts = 0
         self.bus: dict[tuple[int, int], deque[tuple]] = {}
         self.deliveries = 0
         self.delivered: Counter[str] = Counter()  # per message kind (coverage)
@@ -422,24 +425,46 @@ class SimulatedCluster(_Driver):
             OPTIONS,
             random_bytes=CountingRandom(),
             shard=shard,
-            incarnation=shard,
         )
         self.servers[shard] = server
         self.registry[shard] = deque()
         self.updates[shard] = deque()
         self.snapshots[shard] = deque()
         self.announced.add(shard)
-        sequence, entries = self.directory.snapshot()
-        server.reset_directory(entries)
-        self.applied[shard] = sequence
+        replica = self.replicas[shard] = Replica(_ReplicaSide(self, server))
+        # The worker reads its first snapshot before it serves clients.
+        replica.start(self.now)
+        [request] = replica.take_requests()
+        assert isinstance(request, SnapshotRequest)
+        server.cluster.snapshot_requested(request.number)
+        replica.snapshot(self._snapshot_reply(request.number), self.now)
         return shard
+
+    def _snapshot_reply(self, request: int) -> list:
+        sequence, entries = self.directory.snapshot()
+        return ["snapshot", self.coordinator, sequence, entries, request]
+
+    @property
+    def resyncs(self) -> int:
+        """Snapshots fetched after the first one, over every live shard."""
+        return sum(replica.resyncs - 1 for replica in self.replicas.values())
+
+    def _send_requests(self, shard: int) -> None:
+        """What the shard's replica asks for goes on its registry channel, in
+        order, as CoordinatorClient sends it on its DEALER."""
+        for request in self.replicas[shard].take_requests():
+            if isinstance(request, Reregister):
+                self.registry[shard].extend(request.events)
+            elif isinstance(request, SnapshotRequest):
+                self.servers[shard].cluster.snapshot_requested(request.number)
+                self.registry[shard].append(("SNAPSHOT", request.number))
 
     def _announce_shards(self) -> None:
         """The coordinator's heartbeat: the live shards (peer_shards) and the
         last sequence number (a replica that missed the last update resyncs)."""
-        heartbeat = (sorted(self.announced), self.directory.sequence)
+        heartbeat = ["hb", self.coordinator, self.directory.sequence, sorted(self.announced)]
         for queue in self.updates.values():
-            queue.append((None, heartbeat))
+            queue.append(heartbeat)
 
     def _server_of_shard(self, shard: int) -> RelayServer:
         return self.servers[self.positions[shard]]
@@ -471,64 +496,27 @@ class SimulatedCluster(_Driver):
         if kind == "registry":
             assert isinstance(address, int)
             if message[0] == "SNAPSHOT":
-                self.snapshots[address].append((*self.directory.snapshot(), message[1]))
+                self.snapshots[address].append(self._snapshot_reply(message[1]))
                 return True
             if address not in self.announced:  # a dropped shard speaks again
                 self.announced.add(address)
                 self._announce_shards()
             self._publish(self.directory.apply_event(address, message))
-        elif kind == "update":
+        elif kind == "update" or kind == "snapshot":
             assert isinstance(address, int)
-            server = self.servers[address]
-            sequence, update = message
-            if sequence is None:
-                live, last = update  # type: ignore[misc]
-                server.set_peer_shards(live)
-                if last > self.applied[address]:  # coordinator/client.py: missed updates
-                    self._resync(address)
-            elif address in self.syncing:
-                self.syncing[address].append((sequence, update))  # type: ignore[arg-type]
+            replica = self.replicas[address]
+            if kind == "update":
+                replica.publication(message, self.now)
             else:
-                self._apply_updates(address, [(sequence, update)])  # type: ignore[list-item]
-            self._pump(server)
-        elif kind == "snapshot":
-            assert isinstance(address, int)
-            server = self.servers[address]
-            sequence, entries, request = message
-            server.reset_directory(entries, request=request)  # Clone: replaces the replica
-            self.applied[address] = sequence
-            self._apply_updates(address, self.syncing.pop(address, []))
-            self._pump(server)
+                replica.snapshot(message, self.now)
+            self._send_requests(address)
+            self._pump(self.servers[address])
         else:
             source, destination = address  # type: ignore[misc]
             server = self.servers[destination]
-            server.receive_link(source, message, self.now)
+            server.cluster.receive_link(source, message, self.now)
             self._pump(server)
         return True
-
-    def _apply_updates(self, shard: int, updates: list[tuple[int, tuple]]) -> None:
-        """coordinator/client.py ``_apply``: in sequence; a gap resyncs."""
-        server = self.servers[shard]
-        for index, (sequence, update) in enumerate(updates):
-            if sequence <= self.applied[shard]:
-                continue
-            if sequence != self.applied[shard] + 1:
-                self._resync(shard, updates[index:])
-                return
-            self.applied[shard] = sequence
-            server.apply_map_update(update)  # (own DROP_SHARD: new epochs, REGISTERs)
-
-    def _resync(self, shard: int, buffered: list[tuple[int, tuple]] = ()) -> None:  # type: ignore[assignment]
-        """Ask for a snapshot (on the events' channel, so after our events) and
-        buffer the updates until it comes."""
-        if shard in self.syncing:
-            self.syncing[shard].extend(buffered)
-            return
-        self.resyncs += 1
-        self.syncing[shard] = list(buffered)
-        self.snapshot_requests += 1  # (numbered as coordinator/client.py does)
-        self.servers[shard].snapshot_requested(self.snapshot_requests)
-        self.registry[shard].append(("SNAPSHOT", self.snapshot_requests))
 
     def quiesce(self, chooser: Chooser = lambda options: 0) -> int:
         """Deliver, in the order ``chooser`` picks, until nothing is in flight;
@@ -544,17 +532,19 @@ class SimulatedCluster(_Driver):
 
     def _publish(self, updates: list[tuple[int, tuple]]) -> None:
         for queue in self.updates.values():
-            queue.extend(updates)
+            queue.extend(
+                ["u", self.coordinator, [[sequence, update]]] for sequence, update in updates
+            )
 
     def _after_call(self, server: RelayServer) -> None:
         shard = server.shard
         assert shard is not None
         if self.servers.get(shard) is not server:
-            server.take_registry()  # a dead worker: its output is lost
-            server.take_bus()
+            server.cluster.take_registry()  # a dead worker: its output is lost
+            server.cluster.take_bus(self.now)
             return
-        self.registry[shard].extend(server.take_registry())
-        for destination, message in server.take_bus():
+        self.registry[shard].extend(server.cluster.take_registry())
+        for destination, message in server.cluster.take_bus(self.now):
             # Same-shard links never touch the bus (docs/architecture.md).
             assert destination != shard, (shard, message)
             if destination in self.servers:  # a PUSH to a dead worker goes nowhere
@@ -562,6 +552,14 @@ class SimulatedCluster(_Driver):
 
     def _live_servers(self) -> list[RelayServer]:
         return [server for _, server in sorted(self.servers.items())]
+
+    def tick(self, now: float) -> None:
+        """Time passes: the servers' timers, and each replica's (a snapshot not
+        answered in time, the full one after a coordinator restart's merge)."""
+        super().tick(now)
+        for shard, replica in sorted(self.replicas.items()):
+            replica.timer(now)
+            self._send_requests(shard)
 
     # -- faults ----------------------------------------------------------------
 
@@ -582,12 +580,40 @@ class SimulatedCluster(_Driver):
         """The map update at the head of position ``shard``'s channel is lost
         (PUB/SUB past its high-water mark); False if there was none."""
         queue = self.updates[self.positions[shard]]
-        for index, (sequence, _) in enumerate(queue):
-            if sequence is not None:
+        for index, message in enumerate(queue):
+            if message[0] == "u":
                 del queue[index]
                 self.lost_updates += 1
                 return True
         return False
+
+    def restart_coordinator(self) -> None:
+        """The coordinator process is replaced (docs/operations.md: the
+        supervisor restarts it): a new incarnation with an empty map. What
+        the old one had published or was answering is lost with it; what the
+        shards had queued on their DEALERs reaches the new one. Its first
+        heartbeat makes every replica register its clients again and merge
+        the new snapshot (coordinator/replica.py), no link ending."""
+        self.coordinator += 1
+        self.coordinator_restarts += 1
+        self.directory = Directory()
+        self.announced = set(self.servers)
+        for queue in (*self.updates.values(), *self.snapshots.values()):
+            queue.clear()
+        self._announce_shards()
+
+    def deliver_until(self, done: Callable[[], bool], chooser: Chooser) -> int:
+        """Deliver in the order ``chooser`` picks until ``done()`` or nothing is
+        in flight; the number of deliveries."""
+        count = 0
+        while not done():
+            pending = len(self.pending())
+            if not pending:
+                break
+            self.deliver_one(chooser(pending))
+            count += 1
+            assert count < MAX_DELIVERIES, "the cluster does not quiesce (livelock)"
+        return count
 
     def heartbeat(self) -> None:
         """The coordinator's periodic heartbeat (live shards, last sequence)."""
@@ -609,8 +635,7 @@ class SimulatedCluster(_Driver):
                 record.closed = True
                 record.close_reason = "worker_crash"
                 record.closed_at = self.step
-        del self.registry[dead], self.updates[dead], self.applied[dead], self.snapshots[dead]
-        self.syncing.pop(dead, None)
+        del self.registry[dead], self.updates[dead], self.replicas[dead], self.snapshots[dead]
         self.announced.discard(dead)
         for pair in [pair for pair in self.bus if pair[1] == dead]:
             del self.bus[pair]
@@ -620,13 +645,34 @@ class SimulatedCluster(_Driver):
         self._pump(self.servers[self.positions[shard]])
 
 
+class _ReplicaSide:
+    """The shard's side of its replica (worker/cluster_member.py's role): the
+    map updates go to the relay table at the simulation's time."""
+
+    def __init__(self, cluster: SimulatedCluster, server: RelayServer) -> None:
+        self.cluster = cluster
+        self.server = server
+
+    def apply_map_update(self, update: tuple, now: float) -> None:
+        self.server.cluster.apply_map_update(update, now)  # (own DROP_SHARD: new epochs, REGISTERs)
+
+    def reset_directory(self, entries: list, merge: bool, request: int | None, now: float) -> None:
+        self.server.cluster.reset_directory(entries, now, merge=merge, request=request)
+
+    def registrations(self) -> list[tuple[bytes, int]]:
+        return self.server.cluster.registrations()
+
+    def set_peer_shards(self, shards: list[int], now: float) -> None:
+        self.server.cluster.set_peer_shards(shards, now)
+
+
 def _kind_name(channel: str, message: tuple) -> str:
     if channel == "snapshot" or message[0] == "SNAPSHOT":
         return "SNAPSHOT"
     if channel == "registry":
         return Registry(message[0]).name
     if channel == "update":
-        return "PEERS" if message[0] is None else MapUpdate(message[1][0]).name
+        return "PEERS" if message[0] == "hb" else MapUpdate(message[2][0][1][0]).name
     return Link(message[0]).name
 
 
@@ -722,8 +768,8 @@ def link_problems(cluster: SimulatedCluster) -> list[str]:
         if mine != confirmed:
             problems.append(f"shard {shard}: confirmed {_names(confirmed)}, map {_names(mine)}")
         replica = {k: RemotePeer(s, k, e) for k, (s, e) in entries.items() if s != shard}
-        if server.directory != replica:
-            problems.append(f"shard {shard}: replica {server.directory} != map {replica}")
+        if server.cluster.directory != replica:
+            problems.append(f"shard {shard}: replica {server.cluster.directory} != map {replica}")
         remote_links: dict[RemotePeer, set[ServerConnection]] = {}
         wanting: dict[bytes, set[ServerConnection]] = {}
         for connection in server.by_key.values():
@@ -749,10 +795,10 @@ def link_problems(cluster: SimulatedCluster) -> list[str]:
                         problems.append(f"{where}: both sides requested, never linked")
             if len(connection.slot_of_key) != sum(s is not None for s in connection.slots):
                 problems.append(f"{who}: slot_of_key has stale keys")
-        indexed = {r: c for r, c in server._remote_links.items() if c}
+        indexed = {r: c for r, c in server.cluster._remote_links.items() if c}
         if indexed != remote_links:
             problems.append(f"shard {shard}: _remote_links {indexed} != slots {remote_links}")
-        if server._wanting != wanting:
+        if server.cluster._wanting != wanting:
             problems.append(f"shard {shard}: _wanting out of step with the slots")
     return problems
 

@@ -10,7 +10,8 @@ few deliveries only (their number and order drawn from ``schedule``); the
 lets the timers expire (unlink grace, a requester's wait for an answer) and
 quiesces again. Two more faults only make sense here: ``stall`` (a live worker
 dropped by the coordinator) and ``lose_update`` (a lost map update: gap,
-snapshot, Clone resync). Most bugs in test_regressions.py came from here.
+snapshot, Clone resync); ``restart_coordinator`` strikes at any moment here.
+Most bugs in test_regressions.py came from here.
 
 There is no serial order to compare with, so no invariant 1. Checked:
 
@@ -76,13 +77,24 @@ class ConcurrentClusterModel(ClusterModel):
         self._run(lambda world: world.lose_update(where), schedule)
 
     @rule(schedule=schedules)
+    def restart_coordinator(self, schedule: int) -> None:
+        """A new coordinator with an empty map, at any moment: replicas see a
+        new incarnation, register again and merge (Clone pattern)."""
+        self._run(lambda world: world.restart_coordinator(), schedule)
+
+    @rule(schedule=schedules)
     def settle(self, schedule: int) -> None:
-        """Heartbeat, quiesce, let every timer expire, quiesce again; check."""
+        """Heartbeat, quiesce, let every timer expire, quiesce again, one more
+        timer round; check."""
         assert self.cluster is not None
         self.cluster.begin_step()
         self.cluster.heartbeat()
         self.cluster.quiesce(ScheduleChooser(schedule))
         self.cluster.tick(self.cluster.now + 3.0)
+        self.cluster.quiesce(ScheduleChooser(schedule))
+        # The next timer round (a second later at most): re-WANTs that the
+        # 0.1 s pacing per key (REWANT_INTERVAL) held back go now.
+        self.cluster.tick(self.cluster.now + 1.0)
         self.cluster.quiesce(ScheduleChooser(schedule))
         self.settled = True
         self._check_settled()
@@ -102,8 +114,8 @@ class ConcurrentClusterModel(ClusterModel):
             if view != table:
                 problems.append(f"{record!r}: client's view {view}, server's slots {table}")
         for shard, server in sorted(cluster.servers.items()):
-            if server._waiting:
-                problems.append(f"shard {shard}: still waiting {server._waiting}")
+            if server.cluster._waiting:
+                problems.append(f"shard {shard}: still waiting {server.cluster._waiting}")
         assert not problems, "\n".join(problems)
 
     def _check(self) -> None:

@@ -26,7 +26,14 @@ delivery order drawn by hypothesis, ``schedule``):
 * ``crash``: a worker dies with all its connections and is restarted (a new
   shard id, as docs/architecture.md builds it); the coordinator drops its
   keys (DROP_SHARD). The reference kills the same connections (R-KILL-1),
-  whose clients receive nothing more.
+  whose clients receive nothing more;
+* ``send_to_replaced`` (issue 12): a client's key connects again on another
+  shard; as soon as the old connection is closed, another client sends an
+  OOB (and maybe a routing request) to that key, racing the map update that
+  tells its shard where the key went. One server delivers to the new one;
+* ``restart_coordinator``: a new coordinator with an empty map; the shards
+  register their clients again and merge its snapshot. Clients notice
+  nothing (one server has no coordinator).
 
 Invariants after every step:
 
@@ -331,6 +338,61 @@ class ClusterModel(RuleBasedStateMachine):
         are cut off without UNLINKs; DROP_SHARD ends their remote links."""
         where = shard % self.n_shards
         self._run(lambda world: world.crash(where), schedule, unordered=True)
+
+    @precondition(lambda self: self.n_shards > 1 and len(self._live()) > 1)
+    @rule(
+        pick=picks,
+        sender=picks,
+        offset=st.integers(min_value=1, max_value=3),
+        request=st.booleans(),
+        schedule=schedules,
+    )
+    def send_to_replaced(
+        self, pick: int, sender: int, offset: int, request: bool, schedule: int
+    ) -> None:
+        """Issue 12: A2 connects with A1's key on another shard (R-CONF-3); as
+        soon as A1's close is seen, B sends an OOB (R-OOB-2) and, with
+        ``request``, a ROUTING_REQUEST (R-ROUTE-6) to that key. In the
+        cluster B's shard may still map the key to A1 then."""
+        old = self.reference.clients[self._pick(pick)]
+        # A confirmed sender: an unconfirmed one's first frame would replace
+        # its own key's connection too (R-CONF-3), another race than this one.
+        senders = [
+            i
+            for i in self._live()
+            if self.reference.clients[i].identity != old.identity
+            and self.reference.clients[i].frames_sent > 0
+        ]
+        if not senders:
+            return
+        b = senders[sender % len(senders)]
+        where = (old.shard + 1 + (offset - 1) % (self.n_shards - 1)) % self.n_shards
+        key = PUBLIC_KEYS[old.identity]
+        self.serial += 1
+        packets = [OobSend(key, b"oob#%d" % self.serial)]
+        if request:
+            packets.append(RoutingRequest(key))
+
+        def action(world) -> None:  # type: ignore[no-untyped-def]
+            world.connect(old.identity, where)
+            if isinstance(world, SimulatedCluster):
+                world.deliver_until(
+                    lambda: world.clients[old.index].closed, ScheduleChooser(schedule)
+                )
+            for packet in packets:
+                if world.clients[b].live:
+                    world.send(b, packet)
+
+        self._run(action, schedule, unordered=True)
+
+    @precondition(lambda self: self.n_shards > 1)
+    @rule(schedule=schedules)
+    def restart_coordinator(self, schedule: int) -> None:
+        """A new coordinator (empty map, new incarnation): every shard registers
+        its clients again and merges the new snapshot; no client notices."""
+        assert self.cluster is not None
+        cluster = self.cluster
+        self._run(lambda world: world is cluster and cluster.restart_coordinator(), schedule)
 
     # -- invariants ---------------------------------------------------------
 

@@ -127,7 +127,7 @@ def test_want_from_a_crashed_shard_read_after_its_drop_makes_no_link() -> None:
     and ends what was linked to shard 2; then the WANT is read, carol's
     REQUESTED slot links to the dead epoch (carol: 02), and the LINKED answer
     goes nowhere: linked to a dead shard for good. Fixed in
-    ``RelayServer.receive_link``: WANT / LINKED from a shard dropped by the
+    ``CrossShard.receive_link``: WANT / LINKED from a shard dropped by the
     map (and not named by a SET since) are dropped and counted."""
     state = replay(
         2,
@@ -173,7 +173,7 @@ def test_shard_that_missed_its_own_drop_registers_its_clients_again() -> None:
     the snapshot it fetches lacks its keys, and nothing made it register them
     again (the adapter does that on seeing its own DROP_SHARD): alice stayed
     off the map for good, unreachable from other shards. Fixed in
-    ``RelayServer.reset_directory``: after a gap, confirmed keys that the
+    ``CrossShard.reset_directory``: after a gap, confirmed keys that the
     snapshot lacks are registered again (a no-op if their REGISTER was still
     on its way)."""
     replay(
@@ -194,7 +194,7 @@ def test_drop_hidden_by_a_snapshot_still_ends_and_renews_the_links() -> None:
     dropped while alive: it ends its side of the link and registers carol
     again. Shard 1 resyncs from a snapshot taken after that, which holds carol
     at the same epoch, so it never learns of the drop: bob stayed linked,
-    carol did not, for good. Fixed in ``RelayServer.apply_map_update`` (own
+    carol did not, for good. Fixed in ``CrossShard.apply_map_update`` (own
     DROP_SHARD): each link it ends is UNLINKed and WANTed again on the bus."""
     replay(
         4,
@@ -217,7 +217,7 @@ def test_linked_from_a_shard_dropped_while_alive_is_answered_with_unlink() -> No
     no SET from it yet) when carol's LINKED comes; the first version of the
     dead-shard filter dropped it silently, but shard 1 was alive and carol
     stayed linked to an alice who had given that slot up meanwhile. Fixed in
-    ``RelayServer.receive_link``: a WANT / LINKED from a dropped shard makes
+    ``CrossShard.receive_link``: a WANT / LINKED from a dropped shard makes
     no link but is answered (NOLINK / UNLINK), which a dead shard never reads."""
     replay(
         2,
@@ -259,7 +259,7 @@ def test_connection_replaced_by_a_lost_set_is_killed_after_the_resync() -> None:
     shard 1 loses. Shard 1 resyncs from a snapshot that maps bob to shard 2,
     but ``reset_directory`` only looked at other shards' entries: bob@1 was
     never killed and stayed confirmed beside bob@2 with its links (one
-    server: last confirmed wins). Fixed in ``RelayServer.reset_directory``:
+    server: last confirmed wins). Fixed in ``CrossShard.reset_directory``:
     after a gap, a local connection whose SET the shard has seen and that the
     snapshot maps to another connection of its key is killed (R-CONF-3). (One
     whose SET it never saw: ``test_replaced_connection_whose_set_was_never_seen_is_killed``.)"""
@@ -286,7 +286,7 @@ def test_replaced_connection_whose_set_was_never_seen_is_killed() -> None:
     from a connection newer than the snapshot (whose SET is still to come):
     she stayed confirmed beside alice@1 (the model used to make that kill
     itself). Fixed: the adapter numbers its snapshot requests and tells the
-    core when it sends one (``RelayServer.snapshot_requested``), behind every
+    core when it sends one (``CrossShard.snapshot_requested``), behind every
     REGISTER it took (one DEALER, in order); our epochs only grow, so every
     connection with an epoch up to the last REGISTER taken then is in the
     snapshot, and one the snapshot maps elsewhere was replaced: killed."""
@@ -320,7 +320,7 @@ def test_links_ended_by_a_drop_are_unlinked_on_the_bus_too() -> None:
     dave reaches shard 1 before shard 1 reads the DROP_SHARD: both link (02).
     Then shard 1 reads the DROP_SHARD and ended dave's link without a word
     (dave: 03); dave gave the id up: bob stayed linked to nobody, for good.
-    Fixed in ``RelayServer.apply_map_update`` (DROP_SHARD of another shard):
+    Fixed in ``CrossShard.apply_map_update`` (DROP_SHARD of another shard):
     each link it ends is also UNLINKed on the bus, after that LINKED (bob: 03).
 
     (Before own drops renewed epochs the shard's own WANT after its drop made
@@ -357,7 +357,7 @@ def test_link_made_before_a_shard_reads_its_own_drop_is_unlinked_and_renewed() -
     again; bob@1 and alice link. Then shard 2 reads its own DROP_SHARD and
     ended alice's link without a word; alice registering again changes
     nothing in the map (no SET), so bob stayed linked for good. Fixed in
-    ``RelayServer.apply_map_update`` (own DROP_SHARD): each link it ends is
+    ``CrossShard.apply_map_update`` (own DROP_SHARD): each link it ends is
     UNLINKed and WANTed again on the bus (bob: 03, then both 02)."""
     cluster = SimulatedCluster(2)
     bob = cluster.connect("bob", 0)
@@ -514,7 +514,7 @@ def test_shard_that_missed_its_own_drop_renews_its_epochs_after_the_resync() -> 
     registered her again under the same epoch, which shard 2 had noted as
     ended with the drop (``RelayServer._dead``): the LINKED answering shard
     2's WANT was refused, both slots REQUESTED for good. Fixed in
-    ``RelayServer.reset_directory``: a connection the map had and the
+    ``CrossShard.reset_directory``: a connection the map had and the
     snapshot lacks went with our own DROP_SHARD, so the resync does what that
     update does (``_renew_after_own_drop``: new epochs); and a SET naming an
     epoch takes it off the dead list."""
@@ -526,4 +526,91 @@ def test_shard_that_missed_its_own_drop_renews_its_epochs_after_the_resync() -> 
         ("settle", {"schedule": 0}),
         model=ConcurrentClusterModel,
         pairs=[(0, 0)],
+    )
+
+
+def test_oob_to_a_key_that_just_reconnected_elsewhere_reaches_it() -> None:
+    """Model (``send_to_replaced``, issue 12), R-OOB-2, invariant 1.
+
+    alice@2 reconnects on shard 1 (R-CONF-3); as soon as alice@2 is closed,
+    bob@1 sends her an OOB. Bob's shard had not read the SET yet and sent the
+    OOB to alice@2's epoch on shard 2, which dropped it as stale: one server
+    delivers it to the new alice. Fixed in ``CrossShard._on_oob``: the old
+    epoch's shard read the SET that closed it, so it forwards the OOB once to
+    the key's current connection (or delivers it, when that one is its own)."""
+    state = replay(
+        3,
+        [(ALICE, 1), (BOB, 0)],
+        (
+            "send_to_replaced",
+            {"offset": 2, "pick": 1, "request": False, "schedule": 0, "sender": 0},
+        ),
+    )
+    assert sum(s.stats["oob_forwarded"] for s in state.cluster.servers.values()) == 1
+
+
+def test_a_key_that_left_while_the_coordinator_restarted_leaves_every_replica() -> None:
+    """Concurrent model (``restart_coordinator``), the map, invariant 2.
+
+    The coordinator restarts; before the shards read its first heartbeat,
+    alice@2 closes: her UNREGISTER reaches a coordinator that never knew her
+    (no DEL), and shard 2 does not register her again. Shard 1 merged the new
+    snapshot into its replica, which only adds: alice's entry stayed there
+    for good (an OOB to her went to a dead epoch instead of being offered to
+    every shard). Fixed in ``coordinator.replica.Replica``: MERGE_CHECK_DELAY
+    after a merge, a full snapshot replaces the replica."""
+    replay(
+        2,
+        [(ALICE, 1), (BOB, 0)],
+        ("restart_coordinator", {"schedule": 0}),
+        ("end", {"how": "eof", "pick": 0, "schedule": 0}),
+        ("settle", {"schedule": 0}),
+        model=ConcurrentClusterModel,
+        pairs=[(0, 0)],
+    )
+
+
+def test_an_answer_to_an_older_snapshot_request_is_not_applied() -> None:
+    """Concurrent model (``restart_coordinator`` four times), the map.
+
+    Each restart made the replicas ask for a snapshot again; the new
+    coordinator answered the older requests too. Shard 2 merged the answer to
+    an older request, applied alice's SET, then took the answer to its latest
+    request (taken before that SET, read after it) as a full snapshot: the
+    replica went back to before the SET, which never comes again. Fixed in
+    ``coordinator.replica.Replica.snapshot``: only the answer to the latest
+    request, while syncing, is used (``stale_snapshots`` counts the rest)."""
+    replay(
+        3,
+        [(ALICE, 0), (ALICE, 2)],
+        *[("restart_coordinator", {"schedule": 0})] * 4,
+        ("settle", {"schedule": 0}),
+        model=ConcurrentClusterModel,
+        pairs=[(0, 0)],
+    )
+
+
+def test_re_wants_held_back_by_their_pacing_go_at_the_next_timer_round() -> None:
+    """Concurrent model (``restart_coordinator`` with crashes and stalls); a
+    wrong expectation of the model.
+
+    carol@1 and alice@4 requested each other while the map moved under them;
+    the last SETs came within REWANT_INTERVAL of the round of WANTs before,
+    so shard 4 held that round back for a later call. ``settle`` ended with
+    the timers' one round and checked at once: both slots REQUESTED. A
+    shard's timer runs every second (the held round goes then); ``settle``
+    now runs one more timer round before it checks."""
+    replay(
+        4,
+        [(CAROL, 2), (ALICE, 3), (BOB, 0)],
+        ("reconnect_elsewhere", {"offset": 2, "pick": 0, "schedule": 1}),
+        ("crash", {"schedule": 0, "shard": 1}),
+        ("stall", {"schedule": 0, "shard": 0}),
+        ("restart_coordinator", {"schedule": 1679}),
+        ("crash", {"schedule": 2, "shard": 1}),
+        ("pair", {"first": 0, "other": 0, "pick": 0, "second": 2}),
+        ("stall", {"schedule": 0, "shard": 0}),
+        ("settle", {"schedule": 1}),
+        model=ConcurrentClusterModel,
+        pairs=[(0, 0), (0, 0)],
     )

@@ -21,7 +21,7 @@ from relaycore.packets import (
     RoutedData,
     RoutingResponse,
 )
-from tests.support.relay_process import RelayProcess, start_relay
+from testbed.relay_process import RelayProcess, start_relay
 
 T = TypeVar("T")
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from cluster.client import ConnectionClosed, RelayClient
+from testbed.relay_process import start_relay
 from tests.cluster_process.support import Cluster, run
-from tests.support.relay_process import start_relay
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "ops" / "cluster.example.toml"
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.relay_process import HOST, TEST_VECTOR_SERVER_SK, start_relay, write_keys
+from testbed.relay_process import HOST, TEST_VECTOR_SERVER_SK, start_relay, write_keys
 
 CLI = [sys.executable, "-m", "cluster.cli"]
 

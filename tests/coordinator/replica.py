@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from coordinator.client import ReplicaHandler
+from coordinator.client import CoordinatorHandler
 
 
-class RecordingHandler(ReplicaHandler):
+class RecordingHandler(CoordinatorHandler):
     def __init__(self) -> None:
         self.applied: list[tuple] = []
         self.resets: list[tuple[list, bool]] = []  # (entries, merge) per snapshot
         self.reset_requests: list[int | None] = []  # the request number each answered
         self.snapshot_requests: list[int] = []
 
-    def apply_map_update(self, update: tuple) -> None:
+    def apply_map_update(self, update: tuple, now: float) -> None:
         self.applied.append(update)
 
-    def reset_directory(self, entries: list, merge: bool, request: int | None = None) -> None:
+    def reset_directory(self, entries: list, merge: bool, request: int | None, now: float) -> None:
         self.resets.append((entries, merge))
         self.reset_requests.append(request)
 
@@ -25,7 +25,7 @@ class RecordingHandler(ReplicaHandler):
     def registrations(self) -> list[tuple[bytes, int]]:
         return []
 
-    def set_peer_shards(self, shards: list[int]) -> None:
+    def set_peer_shards(self, shards: list[int], now: float) -> None:
         pass
 
     def after_input(self) -> None:

@@ -20,8 +20,9 @@ import zmq
 from coordinator import client as coordinator_client
 from coordinator import service as coordinator_service
 from coordinator.client import CoordinatorClient
-from coordinator.service import CoordinatorService, router_endpoint, unpack, updates_endpoint
+from coordinator.service import CoordinatorService
 from relaycore.shardlink import MapUpdate, Registry
+from runtime.ipc import router_endpoint, unpack, updates_endpoint
 from tests.coordinator.replica import RecordingHandler
 
 SHARD = 7
@@ -152,10 +153,10 @@ def test_close_sends_what_is_still_queued(tmp_path: Path) -> None:
 
 def _synced_client(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> CoordinatorClient:
     client = _client(tmp_path, loop)
-    client.coordinator = 1
+    client.replica.coordinator = 1
     client._on_reply(["snapshot", 1, 0, [], 1])
     assert not client.syncing
-    client.resyncs = 0
+    client.replica.resyncs = 0
     return client
 
 
@@ -166,7 +167,7 @@ def test_a_batch_carries_a_range_of_sequence_numbers(tmp_path: Path) -> None:
         client._on_publication(["u", 1, [[1, list(_set(0))], [2, list(_set(1))]]])
         client._on_publication(["u", 1, [[3, list(_set(2))], [4, list(_set(3))]]])
         assert client.handler.applied == [_set(0), _set(1), _set(2), _set(3)]
-        assert client.last_sequence == 4
+        assert client.replica.last_sequence == 4
         assert client.resyncs == 0
     finally:
         client.close()
@@ -194,14 +195,14 @@ def test_a_gap_inside_a_batch_applies_up_to_it_and_fetches_a_snapshot(tmp_path: 
         batch = [[1, list(_set(0))], [2, list(_set(1))], [4, list(_set(3))], [5, list(_set(4))]]
         client._on_publication(["u", 1, batch])
         assert client.handler.applied == [_set(0), _set(1)]  # 3 is missing
-        assert client.last_sequence == 2
+        assert client.replica.last_sequence == 2
         assert client.syncing and client.resyncs == 1
         assert any(m[0] == "snapshot" for m in coordinator.received())
         # The snapshot (at 4) replaces the replica; the buffered 5 follows it.
-        client._on_reply(["snapshot", 1, 4, [[KEYS[3], 2, 103]], client._snapshot_requests])
+        client._on_reply(["snapshot", 1, 4, [[KEYS[3], 2, 103]], client.replica.snapshot_requests])
         assert client.handler.resets[-1] == ([(KEYS[3], 2, 103)], False)
         assert client.handler.applied[2:] == [_set(4)]
-        assert client.last_sequence == 5 and not client.syncing
+        assert client.replica.last_sequence == 5 and not client.syncing
     finally:
         client.close()
         loop.close()

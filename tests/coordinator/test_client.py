@@ -11,8 +11,9 @@ import uvloop
 import zmq
 
 import coordinator.client as client_module
+import coordinator.replica as replica_module
 from coordinator.client import CoordinatorClient
-from coordinator.service import pack, router_endpoint, unpack, updates_endpoint
+from runtime.ipc import pack, router_endpoint, unpack, updates_endpoint
 from tests.coordinator.replica import RecordingHandler
 
 
@@ -22,7 +23,7 @@ def test_an_unanswered_snapshot_request_is_made_again(
     """A lost snapshot answer must not leave the worker "syncing" for ever
     (it would buffer every map update and never apply one)."""
     monkeypatch.setattr(client_module, "HEARTBEAT_INTERVAL", 0.05)
-    monkeypatch.setattr(client_module, "SNAPSHOT_RETRY", 0.2)
+    monkeypatch.setattr(replica_module, "SNAPSHOT_RETRY", 0.2)
     context = zmq.Context.instance()
     router = context.socket(zmq.ROUTER)
     router.bind(router_endpoint(tmp_path))

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 
 from relaycore.bootstrap_info import version_number
-from tests.support.bootstrapd import (
+from testbed.bootstrapd import (
     BOOTSTRAPD_PATH,
     ReferenceRelay,
     _in_ci,
     bootstrapd_available,
     start_bootstrapd,
 )
-from tests.support.relay_process import HOST, start_relay
-from tests.support.toxcore0223 import require_toxcore_0223
+from testbed.relay_process import HOST, start_relay
+from testbed.toxcore0223 import require_toxcore_0223
 
 pytestmark = pytest.mark.reference
 

@@ -35,6 +35,14 @@ from relaycore.packets import (
     RoutingRequest,
     encode,
 )
+from testbed.bootstrapd import (
+    BOOTSTRAPD_PATH,
+    ReferenceRelay,
+    bootstrapd_available,
+    start_bootstrapd,
+)
+from testbed.relay_process import RelayProcess, start_relay
+from testbed.toxcore0223 import require_toxcore_0223
 from tests.differential.scenario import (
     Endpoint,
     Event,
@@ -54,14 +62,6 @@ from tests.differential.scenario import (
     run_on_all,
     transcript_diff,
 )
-from tests.support.bootstrapd import (
-    BOOTSTRAPD_PATH,
-    ReferenceRelay,
-    bootstrapd_available,
-    start_bootstrapd,
-)
-from tests.support.relay_process import RelayProcess, start_relay
-from tests.support.toxcore0223 import require_toxcore_0223
 
 pytestmark = pytest.mark.reference
 

@@ -1,3 +1,3 @@
 """Fixtures of the interop tests."""
 
-from tests.support.toxdht import private_dht  # noqa: F401
+from testbed.toxdht import private_dht  # noqa: F401

@@ -1,6 +1,6 @@
 """Issue 4: two real toxcore clients become friends and talk through one TCP relay.
 
-Each test runs the scenario of :mod:`tests.interop.friends` (friend request, both
+Each test runs the scenario of :mod:`testbed.friends` (friend request, both
 friends connected, messages both ways, timed echo round trips, a file checked byte by
 byte, and "no other path") with the same private 3-node DHT on loopback and a
 different relay under test:
@@ -12,7 +12,7 @@ different relay under test:
 * ``ours-1w``, ``ours-2w`` (both clients on the shared port, the kernel picks their
   shards) and ``ours-2w-cross`` (``--shard-ports``: A on one shard's direct port, B on
   the other's, so onion responses and the friend connection cross shards); see
-  ``tests/interop/relay_kinds.py``.
+  ``testbed/relay_kinds.py``.
 
 Every wait is bounded (ScenarioConfig); a run takes ~17-27 s against tox-bootstrapd on
 a busy 2-core machine (about 9-10 s of it until the friends are connected).
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.friends import FriendsResult, ScenarioError, run_friends_scenario
-from tests.interop.relay_kinds import RelayUnderTest, start_relay_under_test
-from tests.interop.toxcore import load_toxcore, toxcore_error
-from tests.support.bootstrapd import BOOTSTRAPD_PATH, _in_ci, bootstrapd_available
-from tests.support.toxdht import PrivateDht
+from testbed.bootstrapd import BOOTSTRAPD_PATH, _in_ci, bootstrapd_available
+from testbed.friends import FriendsResult, ScenarioError, run_friends_scenario
+from testbed.relay_kinds import RelayUnderTest, start_relay_under_test
+from testbed.toxcore import load_toxcore, toxcore_error
+from testbed.toxdht import PrivateDht
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow, pytest.mark.timeout(110)]
 

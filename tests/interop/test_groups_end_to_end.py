@@ -1,7 +1,7 @@
 """Issue 11: current toxcore clients (c-toxcore 0.2.23) -- friends, a public group joined
 by chat id and a private group joined by invite -- through one TCP relay.
 
-The scenario is :mod:`tests.interop.groups`; the clients and the private 3-node DHT
+The scenario is :mod:`testbed.groups`; the clients and the private 3-node DHT
 (UDP onion hops 2-3, their TCP relays off) are c-toxcore 0.2.23 built from
 ``../shared/vendor`` (``tests/support/toxcore0223.py``). The relays under test:
 
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.friends import ScenarioError
-from tests.interop.groups import GroupsResult, run_groups_scenario
-from tests.interop.relay_kinds import RelayUnderTest, start_relay_under_test
-from tests.interop.toxcore import ToxError
-from tests.interop.toxgroups import load_group_toxcore
-from tests.support.toxcore0223 import VERSION, Toxcore0223, require_toxcore_0223
-from tests.support.toxdht import PrivateDht, start_private_dht
+from testbed.friends import ScenarioError
+from testbed.groups import GroupsResult, run_groups_scenario
+from testbed.relay_kinds import RelayUnderTest, start_relay_under_test
+from testbed.toxcore import ToxError
+from testbed.toxcore0223 import VERSION, Toxcore0223, require_toxcore_0223
+from testbed.toxdht import PrivateDht, start_private_dht
+from testbed.toxgroups import load_group_toxcore
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow, pytest.mark.timeout(200)]
 

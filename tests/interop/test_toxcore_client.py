@@ -18,14 +18,14 @@ import pytest
 
 from relaycore.options import RelayOptions
 from relaycore.relay import RelayServer
-from tests.interop.toxcore import (
+from testbed.bootstrapd import ReferenceRelay
+from testbed.toxcore import (
     ToxLoop,
     load_toxcore,
     tcp_byte_counts,
     tcp_sockets_to,
     toxcore_error,
 )
-from tests.support.bootstrapd import ReferenceRelay
 from tests.support.inprocess import live_relay, wait_for
 
 # A PING/PONG frame: 2-byte length + 16-byte MAC + 1-byte type + 8-byte ping id.

@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.bootstrapd import bootstrapd_available, start_bootstrapd
-from tests.support.relay_process import RelayProcess, start_relay
+from testbed.bootstrapd import bootstrapd_available, start_bootstrapd
+from testbed.relay_process import RelayProcess, start_relay
 
 REPO = Path(__file__).resolve().parents[2]
 LOADTEST = [sys.executable, "-m", "cluster.cli", "loadtest"]

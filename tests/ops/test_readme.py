@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.relay_process import start_relay
+from testbed.relay_process import start_relay
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"

@@ -120,13 +120,13 @@ class Network:
         onion_secrets: OnionSecrets | None = None,
         shard: int | None = None,
     ) -> None:
-        """``shard``: make the server that shard of a cluster (incarnation = shard)."""
+        """``shard``: make the server that shard of a cluster (its epochs' high 32 bits)."""
         self.random = CountingRandom()
         extra: dict[str, object] = {"random_bytes": random_bytes or self.random}
         if onion_secrets is not None:
             extra["onion_secrets"] = onion_secrets
         if shard is not None:
-            extra.update(shard=shard, incarnation=shard)
+            extra["shard"] = shard
         if keypair is not None:
             extra["keypair"] = keypair
         self.server = RelayServer(server_sk, options, **extra)  # type: ignore[arg-type]
@@ -269,20 +269,16 @@ class Network:
         for connection in self.server.take_closed():
             peer = self._by_connection[connection]
             if peer.held:  # still unsent: the socket's close drops it
-                connection.outbox.clear()
-                connection.outbox_size = 0
+                connection.data_to_send()
             else:
                 self._deliver(peer)
             peer.closed = True
             peer.close_reason = connection.close_reason
 
     def _deliver(self, peer: Peer) -> None:
-        connection = peer.connection
-        if not connection.outbox:
+        data = peer.connection.data_to_send()
+        if not data:
             return
-        data = b"".join(connection.outbox)
-        connection.outbox.clear()
-        connection.outbox_size = 0
         assert not peer.closed, f"{peer.name}: {len(data)} bytes queued after its close"
         if not peer.eof:
             peer.received.extend(peer.client.receive(data))

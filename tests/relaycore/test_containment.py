@@ -30,16 +30,19 @@ OLD, NEW = 2 << 32 | 1, 2 << 32 | 2  # two epochs of REMOTE_KEY on shard 2
 def _linked_to_remote() -> tuple[Network, object]:
     """Shard 1 with client a linked to REMOTE_KEY's connection OLD on shard 2."""
     net = Network(RelayOptions(output_soft_limit=16 * 1024, output_hard_limit=HARD), shard=1)
-    net.server.set_peer_shards([2])
+    net.server.cluster.set_peer_shards([2], net.now)
     a = net.connect("a")
-    net.server.apply_map_update((MapUpdate.SET, REMOTE_KEY, 2, OLD, None, None))
+    net.server.cluster.apply_map_update((MapUpdate.SET, REMOTE_KEY, 2, OLD, None, None), net.now)
     net.send("a", RoutingRequest(REMOTE_KEY))
     epoch = a.connection.epoch
-    assert net.server.take_bus()[-1] == (2, (Link.WANT, a.public_key, epoch, REMOTE_KEY, OLD))
-    net.server.receive_link(2, (Link.LINKED, REMOTE_KEY, OLD, a.public_key, epoch), net.now)
+    assert net.server.cluster.take_bus(net.now)[-1] == (
+        2,
+        (Link.WANT, a.public_key, epoch, REMOTE_KEY, OLD),
+    )
+    net.server.cluster.receive_link(2, (Link.LINKED, REMOTE_KEY, OLD, a.public_key, epoch), net.now)
     net.pump()
     assert a.take() == [RoutingResponse(16, REMOTE_KEY), ConnectNotification(16)]
-    net.server.take_bus()
+    net.server.cluster.take_bus(net.now)
     return net, a
 
 
@@ -52,14 +55,14 @@ def test_a_hard_limit_kill_in_the_middle_of_a_relink_leaves_nothing_linked() -> 
     net, a = _linked_to_remote()
     epoch = a.connection.epoch
     a.connection.transport_backlog = HARD - 1  # the 2-byte 03 passes the limit
-    net.server.receive_link(2, (Link.WANT, REMOTE_KEY, NEW, a.public_key, epoch), net.now)
+    net.server.cluster.receive_link(2, (Link.WANT, REMOTE_KEY, NEW, a.public_key, epoch), net.now)
     net.pump()
     assert a.closed and a.close_reason == "output_hard_limit"
-    assert net.server._remote_links == {}
-    bus = [message for _, message in net.server.take_bus()]
+    assert net.server.cluster._remote_links == {}
+    bus = [message for _, message in net.server.cluster.take_bus(net.now)]
     assert bus[-1] == (Link.UNLINK, a.public_key, epoch, REMOTE_KEY, NEW)  # its end is told
     # The UNLINK its peer sends meanwhile finds nothing (it raised KeyError).
-    net.server.receive_link(2, (Link.UNLINK, REMOTE_KEY, NEW, a.public_key, epoch), net.now)
+    net.server.cluster.receive_link(2, (Link.UNLINK, REMOTE_KEY, NEW, a.public_key, epoch), net.now)
     net.server.check_invariants()
 
 
@@ -124,9 +127,9 @@ def test_input_held_while_a_routing_request_waits_is_bounded() -> None:
     for another shard is kept (the adapter stops reading meanwhile); more
     than MAX_HELD_INPUT kills it."""
     net = Network(shard=1)
-    net.server.set_peer_shards([2])
+    net.server.cluster.set_peer_shards([2], net.now)
     a = net.connect("a")
-    net.server.apply_map_update((MapUpdate.SET, REMOTE_KEY, 2, OLD, None, None))
+    net.server.cluster.apply_map_update((MapUpdate.SET, REMOTE_KEY, 2, OLD, None, None), net.now)
     net.send("a", RoutingRequest(REMOTE_KEY))
     assert a.connection.waiting_for is not None
     server = net.server
@@ -142,15 +145,15 @@ def test_input_held_while_a_routing_request_waits_is_bounded() -> None:
 
 def test_held_input_is_read_when_the_answer_arrives() -> None:
     net = Network(shard=1)
-    net.server.set_peer_shards([2])
+    net.server.cluster.set_peer_shards([2], net.now)
     a = net.connect("a")
-    net.server.apply_map_update((MapUpdate.SET, REMOTE_KEY, 2, OLD, None, None))
+    net.server.cluster.apply_map_update((MapUpdate.SET, REMOTE_KEY, 2, OLD, None, None), net.now)
     a.client.send(RoutingRequest(REMOTE_KEY))
     a.client.send(Ping(b"after-it"))
     net.pump()
     assert a.take() == [RoutingResponse(16, REMOTE_KEY)]  # the PING waits
     epoch = a.connection.epoch
-    net.server.receive_link(2, (Link.NOLINK, REMOTE_KEY, OLD, a.public_key, epoch), net.now)
+    net.server.cluster.receive_link(2, (Link.NOLINK, REMOTE_KEY, OLD, a.public_key, epoch), net.now)
     net.pump()
     assert a.take() == [Pong(b"after-it")]
 
@@ -161,7 +164,7 @@ def test_held_input_is_read_when_the_answer_arrives() -> None:
         lambda s, c: setattr(s, "connection_count", s.connection_count + 1),
         lambda s, c: s.by_epoch.pop(c.epoch),
         lambda s, c: s.connections_per_ip.update({"10.0.0.9": 1}),
-        lambda s, c: s._waiting.add(c),
+        lambda s, c: s.cluster._waiting.add(c),
         lambda s, c: s._over_limit.append(c),
     ],
     ids=["count", "epochs", "per-ip", "waiting", "over-limit"],
@@ -190,9 +193,9 @@ def test_frames_held_while_waiting_are_shared_out_after_the_answer() -> None:
     """The answer reads what waited, FRAMES_PER_RECEIVE at a time
     (``more_input`` for the adapter), in order."""
     net = Network(shard=1)
-    net.server.set_peer_shards([2])
+    net.server.cluster.set_peer_shards([2], net.now)
     a = net.connect("a")
-    net.server.apply_map_update((MapUpdate.SET, REMOTE_KEY, 2, OLD, None, None))
+    net.server.cluster.apply_map_update((MapUpdate.SET, REMOTE_KEY, 2, OLD, None, None), net.now)
     a.client.send(RoutingRequest(REMOTE_KEY))
     count = FRAMES_PER_RECEIVE + 44
     for index in range(count):
@@ -200,7 +203,7 @@ def test_frames_held_while_waiting_are_shared_out_after_the_answer() -> None:
     net.pump()
     assert a.take() == [RoutingResponse(16, REMOTE_KEY)]
     epoch = a.connection.epoch
-    net.server.receive_link(2, (Link.NOLINK, REMOTE_KEY, OLD, a.public_key, epoch), net.now)
+    net.server.cluster.receive_link(2, (Link.NOLINK, REMOTE_KEY, OLD, a.public_key, epoch), net.now)
     assert a.connection.more_input
     net.pump()
     assert a.take() == [Pong(index.to_bytes(8, "big")) for index in range(count)]

@@ -145,36 +145,44 @@ def test_wants_after_sets_are_sent_once_per_batch_per_key() -> None:
     shard 2 within one batch of updates: 3 WANTs (to the newest epoch), not 30;
     and at most one such round per key per REWANT_INTERVAL."""
     net = Network(shard=1, now=5.0)
-    net.server.set_peer_shards([2])
+    net.server.cluster.set_peer_shards([2], net.now)
     key = bytes(range(32))
     for name in ("r1", "r2", "r3"):
         net.connect(name)
         net.send(name, RoutingRequest(key))
-    net.server.take_bus()
+    net.server.cluster.take_bus(net.now)
     previous = None
     for serial in range(1, 11):
         replaced = (2, previous) if previous else (None, None)
-        net.server.apply_map_update((MapUpdate.SET, key, 2, _epoch(2, serial), *replaced))
+        net.server.cluster.apply_map_update(
+            (MapUpdate.SET, key, 2, _epoch(2, serial), *replaced), net.now
+        )
         previous = _epoch(2, serial)
-    wants = [m for _, m in net.server.take_bus() if m[0] == Link.WANT]
+    wants = [m for _, m in net.server.cluster.take_bus(net.now) if m[0] == Link.WANT]
     assert len(wants) == 3
     assert {m[4] for m in wants} == {_epoch(2, 10)}
     assert net.server.stats["wants_after_set"] == 3
     # Another SET at once: the next round waits REWANT_INTERVAL (0.1 s), then
     # WANTs the newest connection of K.
-    net.server.apply_map_update((MapUpdate.SET, key, 2, _epoch(2, 11), 2, _epoch(2, 10)))
-    net.server.apply_map_update((MapUpdate.SET, key, 2, _epoch(2, 12), 2, _epoch(2, 11)))
-    assert [m for _, m in net.server.take_bus() if m[0] == Link.WANT] == []
+    net.server.cluster.apply_map_update(
+        (MapUpdate.SET, key, 2, _epoch(2, 11), 2, _epoch(2, 10)), net.now
+    )
+    net.server.cluster.apply_map_update(
+        (MapUpdate.SET, key, 2, _epoch(2, 12), 2, _epoch(2, 11)), net.now
+    )
+    assert [m for _, m in net.server.cluster.take_bus(net.now) if m[0] == Link.WANT] == []
     net.tick(5.05)
-    assert [m for _, m in net.server.take_bus() if m[0] == Link.WANT] == []
+    assert [m for _, m in net.server.cluster.take_bus(net.now) if m[0] == Link.WANT] == []
     net.tick(5.1)
-    wants = [m for _, m in net.server.take_bus() if m[0] == Link.WANT]
+    wants = [m for _, m in net.server.cluster.take_bus(net.now) if m[0] == Link.WANT]
     assert len(wants) == 3 and {m[4] for m in wants} == {_epoch(2, 12)}
     # A SET then a DEL of K in one batch: nothing to WANT.
     net.tick(6.0)
-    net.server.apply_map_update((MapUpdate.SET, key, 2, _epoch(2, 13), 2, _epoch(2, 12)))
-    net.server.apply_map_update((MapUpdate.DEL, key, 2, _epoch(2, 13)))
-    assert [m for _, m in net.server.take_bus() if m[0] == Link.WANT] == []
+    net.server.cluster.apply_map_update(
+        (MapUpdate.SET, key, 2, _epoch(2, 13), 2, _epoch(2, 12)), net.now
+    )
+    net.server.cluster.apply_map_update((MapUpdate.DEL, key, 2, _epoch(2, 13)), net.now)
+    assert [m for _, m in net.server.cluster.take_bus(net.now) if m[0] == Link.WANT] == []
 
 
 def test_oob_broadcasts_are_limited_per_address_and_per_worker() -> None:
@@ -184,19 +192,19 @@ def test_oob_broadcasts_are_limited_per_address_and_per_worker() -> None:
         oob_broadcast_rate_per_worker=60.0,
     )
     net = Network(options, shard=1, now=5.0)
-    net.server.set_peer_shards([2, 3, 4])
+    net.server.cluster.set_peer_shards([2, 3, 4], net.now)
     net.connect("a", ip="198.51.100.1")
     for number in range(100):
         net.send("a", OobSend(bytes([number]) * 32, b"hi"))
-    assert len(net.server.take_bus()) == 40 * 3  # one copy per other shard
+    assert len(net.server.cluster.take_bus(net.now)) == 40 * 3  # one copy per other shard
     assert net.server.stats["dropped.oob_broadcast_rate_ip"] == 60
     net.connect("a2", ip="198.51.100.1")  # a new connection: no fresh burst
     net.send("a2", OobSend(bytes(32), b"hi"))
-    assert net.server.take_bus() == []
+    assert net.server.cluster.take_bus(net.now) == []
     net.now += 1.0  # 10 more tokens for the address
     for number in range(20):
         net.send("a2", OobSend(bytes([number]) * 32, b"hi"))
-    assert len(net.server.take_bus()) == 10 * 3
+    assert len(net.server.cluster.take_bus(net.now)) == 10 * 3
     for host in range(2, 6):  # other addresses: the worker's 60/s ends it
         net.connect(f"b{host}", ip=f"198.51.100.{host}")
         for number in range(20):

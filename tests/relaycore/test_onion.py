@@ -384,7 +384,7 @@ def test_r_fwd_6_over_long_reply_for_another_shard_never_reaches_the_bus() -> No
     [datagram] = asking.server.take_datagrams()
     other = _shard(2)
     other.receive_datagram(b"\x92\x2d" + datagram.data[2:47] + bytes(2002), 100.5)
-    assert other.take_bus() == []
+    assert other.cluster.take_bus(100.5) == []
     assert other.stats["dropped.datagram_too_long"] == 1
 
 
@@ -403,7 +403,7 @@ def test_an_over_long_reply_from_the_bus_is_dropped_not_raised() -> None:
     asking = Network(LOOPBACK_HOPS, onion_secrets=SECRETS, now=100.0, shard=1)
     a = asking.connect("a")
     epoch = asking.server.by_key[a.client.public_key].epoch
-    asking.server.receive_link(2, (Link.REPLY, epoch, b"\x0b" + bytes(2100)), 100.6)
+    asking.server.cluster.receive_link(2, (Link.REPLY, epoch, b"\x0b" + bytes(2100)), 100.6)
     asking.pump()
     assert a.received == [] and not a.closed
     assert asking.server.stats["dropped.reply_too_long"] == 1
@@ -476,46 +476,46 @@ def test_secrets_derive_distinct_keys_and_need_32_bytes() -> None:
 
 
 def _shard(shard: int) -> RelayServer:
-    server = RelayServer(bytes(range(32)), shard=shard, incarnation=shard, onion_secrets=SECRETS)
-    server.set_peer_shards([1, 2])
+    server = RelayServer(bytes(range(32)), shard=shard, onion_secrets=SECRETS)
+    server.cluster.set_peer_shards([1, 2], 0.0)
     return server
 
 
 def test_reply_for_another_shard_crosses_the_bus_and_is_delivered_there() -> None:
     asking = Network(LOOPBACK_HOPS, onion_secrets=SECRETS, now=100.0, shard=1)
-    asking.server.set_peer_shards([2])
+    asking.server.cluster.set_peer_shards([2], 100.0)
     a = asking.connect("a")
     asking.send_plain("a", onion_plain(300))
     [datagram] = asking.server.take_datagrams()
-    asking.server.take_bus()
+    asking.server.cluster.take_bus(100.0)
     # The reply lands on shard 2's UDP socket.
     other = _shard(2)
     other.receive_datagram(reply_to(datagram, b"\x84crossed"), 100.5)
-    [(destination, message)] = other.take_bus()
+    [(destination, message)] = other.cluster.take_bus(100.5)
     assert destination == 1 and message[0] == Link.REPLY
-    asking.server.receive_link(2, message, 100.6)
+    asking.server.cluster.receive_link(2, message, 100.6)
     asking.pump()
     assert a.take() == [OnionResponse(b"\x84crossed")]
 
 
 def test_reply_for_a_shard_that_is_gone_is_dropped() -> None:
-    asking = RelayServer(bytes(range(32)), shard=7, incarnation=7, onion_secrets=SECRETS)
-    block = seal_return_block(asking._current_return_keys(5.0)[0], bytes(24), ReturnPath(7, 99))
+    asking = RelayServer(bytes(range(32)), shard=7, onion_secrets=SECRETS)
+    block = seal_return_block(asking.first_hop.return_keys(5.0)[0], bytes(24), ReturnPath(7, 99))
     other = _shard(2)
-    other.apply_map_update((MapUpdate.DROP_SHARD, 7, True))  # shard 7 exited
+    other.cluster.apply_map_update((MapUpdate.DROP_SHARD, 7, True), 5.0)  # shard 7 exited
     other.receive_datagram(b"\x8e" + block + b"\x84x", 5.0)
-    assert other.take_bus() == []
+    assert other.cluster.take_bus(100.5) == []
     assert other.stats["dropped.reply_stale"] == 1
 
 
 def test_reply_for_a_shard_not_yet_listed_still_crosses() -> None:
     """Just after start a shard may not know its peers yet (heartbeats every
     0.5 s); the reply goes to the shard the block names all the same."""
-    asking = RelayServer(bytes(range(32)), shard=9, incarnation=9, onion_secrets=SECRETS)
-    block = seal_return_block(asking._current_return_keys(5.0)[0], bytes(24), ReturnPath(9, 1))
-    other = RelayServer(bytes(range(32)), shard=2, incarnation=2, onion_secrets=SECRETS)
+    asking = RelayServer(bytes(range(32)), shard=9, onion_secrets=SECRETS)
+    block = seal_return_block(asking.first_hop.return_keys(5.0)[0], bytes(24), ReturnPath(9, 1))
+    other = RelayServer(bytes(range(32)), shard=2, onion_secrets=SECRETS)
     other.receive_datagram(b"\x8e" + block + b"\x84x", 5.0)
-    assert other.take_bus() == [(9, (Link.REPLY, 1, b"\x09\x84x"))]
+    assert other.cluster.take_bus(100.5) == [(9, (Link.REPLY, 1, b"\x09\x84x"))]
 
 
 # ----------------------------------------------------------------------
@@ -554,7 +554,7 @@ def test_answers_follow_a_connection_whose_epoch_was_renewed() -> None:
     net = Network(LOOPBACK_HOPS, onion_secrets=SECRETS, now=100.0, shard=1)
     a = net.connect("a")
     old_epoch = a.connection.epoch
-    net.server.apply_map_update((MapUpdate.DROP_SHARD, 1, False))
+    net.server.cluster.apply_map_update((MapUpdate.DROP_SHARD, 1, False), net.now)
     assert a.connection.epoch != old_epoch
     net.send_plain("a", onion_plain(300))
     [datagram] = net.server.take_datagrams()

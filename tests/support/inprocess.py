@@ -14,7 +14,8 @@ from nacl.bindings import crypto_scalarmult_base
 
 from cluster.client import RelayClient
 from relaycore.options import RelayOptions
-from worker.shard import Shard, open_listening_socket, open_udp_socket
+from runtime.sockets import open_listening_socket, open_udp_socket
+from worker.shard import Shard
 
 HOST = "127.0.0.1"
 

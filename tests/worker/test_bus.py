@@ -54,7 +54,7 @@ class _Server:
     def __init__(self) -> None:
         self.updates: list[tuple] = []
 
-    def apply_map_update(self, update: tuple) -> None:
+    def apply_map_update(self, update: tuple, now: float) -> None:
         self.updates.append(update)
 
 
@@ -71,11 +71,11 @@ def test_the_bus_forgets_a_shard_only_when_its_process_exited() -> None:
     with the same id (tests/cluster_process/test_faults.py, the shard stopped
     past the silence limit): its socket and what is queued in it stay."""
     member = ClusterMember.__new__(ClusterMember)  # the adapter's decision alone
-    member.server, member.bus = _Server(), _Bus()  # type: ignore[assignment]
-    member.apply_map_update((MapUpdate.DROP_SHARD, 2, False))  # silent
+    member.links, member.bus = _Server(), _Bus()  # type: ignore[assignment]
+    member.apply_map_update((MapUpdate.DROP_SHARD, 2, False), 0.0)  # silent
     assert member.bus.forgotten == []  # type: ignore[attr-defined]
-    member.apply_map_update((MapUpdate.DROP_SHARD, 1, True))  # ourselves (seen as gone)
+    member.apply_map_update((MapUpdate.DROP_SHARD, 1, True), 0.0)  # ourselves (seen as gone)
     assert member.bus.forgotten == []  # type: ignore[attr-defined]
-    member.apply_map_update((MapUpdate.DROP_SHARD, 2, True))  # exited
+    member.apply_map_update((MapUpdate.DROP_SHARD, 2, True), 0.0)  # exited
     assert member.bus.forgotten == [2]  # type: ignore[attr-defined]
-    assert len(member.server.updates) == 3  # type: ignore[attr-defined]
+    assert len(member.links.updates) == 3  # type: ignore[attr-defined]

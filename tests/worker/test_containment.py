@@ -15,11 +15,12 @@ import uvloop
 import zmq
 
 from coordinator.client import CoordinatorClient
-from coordinator.service import pack, router_endpoint, updates_endpoint
 from relaycore.constants import PacketId
+from relaycore.crossshard import CrossShard
 from relaycore.packets import DisconnectNotification, Ping, Pong, RoutingResponse
 from relaycore.relay import FRAMES_PER_RECEIVE, MAX_HELD_INPUT, ConnectionState
 from relaycore.shardlink import Link, MapUpdate
+from runtime.ipc import pack, router_endpoint, updates_endpoint
 from tests.coordinator.replica import RecordingHandler
 from tests.support.inprocess import live_relay, wait_for
 from tests.worker.test_shard import linked_pair
@@ -182,7 +183,7 @@ def test_the_coordinator_reader_skips_a_message_that_raises(tmp_path: Path) -> N
         replica = RecordingHandler()
         applied: list[tuple] = []
 
-        def apply(update: tuple) -> None:
+        def apply(update: tuple, now: float) -> None:
             if update[1] == b"bad":
                 raise RuntimeError("injected")
             applied.append(update)
@@ -237,10 +238,13 @@ def test_a_waiting_connection_is_not_read_and_is_read_again_when_answered() -> N
     async def scenario() -> None:
         async with live_relay() as relay:
             server = relay.shard.server
-            server.clustered, server.shard = True, 1  # a shard of a cluster, no bus
-            server.set_peer_shards([2])
+            server.shard = 1  # a shard of a cluster, no bus
+            server.cluster = CrossShard(server, 1)
+            server.cluster.set_peer_shards([2], relay.shard.loop.time())
             remote = bytes(range(32))
-            server.apply_map_update((MapUpdate.SET, remote, 2, 2 << 32 | 1, None, None))
+            server.cluster.apply_map_update(
+                (MapUpdate.SET, remote, 2, 2 << 32 | 1, None, None), relay.shard.loop.time()
+            )
             a = await relay.client()
             a.route_request(remote)
             assert (await a.expect(RoutingResponse)).connection_id == 16
@@ -255,7 +259,9 @@ def test_a_waiting_connection_is_not_read_and_is_read_again_when_answered() -> N
             assert connection.channel.buffered <= MAX_HELD_INPUT  # type: ignore[union-attr]
             assert a.transport.get_write_buffer_size() > 1 << 20  # the client is held back
             epoch = connection.epoch
-            server.receive_link(2, (Link.NOLINK, remote, 2 << 32 | 1, a.public_key, epoch), 0)
+            server.cluster.receive_link(
+                2, (Link.NOLINK, remote, 2 << 32 | 1, a.public_key, epoch), 0
+            )
             relay.shard.flush()
             for _ in range(8 * 1024):
                 assert await a.expect(Pong) == Pong(b"12345678")

@@ -15,13 +15,13 @@ def test_tick_asks_for_replacement_once_when_epochs_run_low() -> None:
     try:
         shard = Shard(bytes(range(32)), RelayOptions(), loop, shard_id=3)
         calls: list[int] = []
-        shard.on_epochs_low = lambda: calls.append(shard.server.epochs_left)
+        shard.on_epochs_low = lambda: calls.append(shard.server.cluster.epochs_left)
         shard._tick()
         assert calls == []  # plenty left
-        shard.server._epoch_serial = EPOCH_COUNTER_MAX - EPOCH_RENEW_MARGIN
+        shard.server.cluster._epoch_serial = EPOCH_COUNTER_MAX - EPOCH_RENEW_MARGIN
         shard._tick()
         assert calls == []  # exactly the margin left: not yet
-        shard.server._epoch_serial += 1
+        shard.server.cluster._epoch_serial += 1
         shard._tick()
         shard._tick()
         assert calls == [EPOCH_RENEW_MARGIN - 1]  # once

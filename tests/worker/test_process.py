@@ -7,8 +7,8 @@ import socket
 import subprocess
 import sys
 
+from runtime.sockets import open_listening_socket
 from worker.process import ListenSpec, bind_listeners, format_address
-from worker.shard import open_listening_socket
 
 
 def test_listeners_share_a_port_with_so_reuseport() -> None:

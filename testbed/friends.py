@@ -1,7 +1,7 @@
 """Two real toxcore clients become friends through one TCP relay and talk.
 
 The end-to-end scenario of the interop tests and of ``ops/bench/friends_compare.py``:
-two libtoxcore 0.2.18 clients (public ``tox.h`` API, :mod:`tests.interop.toxcore`)
+two libtoxcore 0.2.18 clients (public ``tox.h`` API, :mod:`testbed.toxcore`)
 with UDP, IPv6 and LAN discovery off and no TCP server of their own. Each knows one
 TCP relay -- the relay under test -- and a few DHT nodes of a private DHT on loopback
 (``tox_bootstrap``). With UDP off a client never talks to the DHT nodes itself: it
@@ -38,7 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.interop.toxcore import (
+from testbed.bootstrapd import DhtNode
+from testbed.toxcore import (
     CONNECTION_NAMES,
     TOX_CONNECTION_NONE,
     TOX_FILE_CONTROL_RESUME,
@@ -47,7 +48,6 @@ from tests.interop.toxcore import (
     own_socket_fds,
     tcp_byte_counts,
 )
-from tests.support.bootstrapd import DhtNode
 
 #: Both clients announced through the onion (self status TCP); fails fast when the
 #: relay does not carry onion packets (7-8 s with tox-bootstrapd as the relay: toxcore's

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.bootstrapd import (
+from testbed.bootstrapd import (
     BOOTSTRAPD_PATH,
     DhtNode,
     ReferenceRelay,

@@ -1,6 +1,6 @@
 """A minimal ctypes binding to libtoxcore (public ``tox.h`` API only): Debian's 0.2.18
 by default, or another build loaded by its full path (``load_toxcore(path)``; the group
-chat calls of 0.2.19+ are in :mod:`tests.interop.toxgroups`).
+chat calls of 0.2.19+ are in :mod:`testbed.toxgroups`).
 
 Just enough to run real toxcore clients that talk through one TCP relay: options with
 UDP, LAN discovery, IPv6 and the client's own TCP relay server switched off,
@@ -8,7 +8,7 @@ UDP, LAN discovery, IPv6 and the client's own TCP relay server switched off,
 onion path nodes 2 and 3), the ``tox_iterate`` loop, the client's DHT key (the key a
 toxcore client presents on TCP relays, tcp-relay-protocol.md §14), its log, and what
 two clients need to become friends and talk: address, friend requests, connection
-status, messages and file transfers (see ``tests/interop/friends.py``).
+status, messages and file transfers (see ``testbed/friends.py``).
 
 No C compiler is needed: the library is loaded with :func:`ctypes.CDLL`.
 

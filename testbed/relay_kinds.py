@@ -24,10 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.interop.friends import RelayEndpoint
-from tests.support.bootstrapd import BOOTSTRAPD_PATH, start_bootstrapd
-from tests.support.relay_process import RelayProcess, start_relay
-from tests.support.toxcore0223 import toxcore_0223, toxcore_0223_error
+from testbed.bootstrapd import BOOTSTRAPD_PATH, start_bootstrapd
+from testbed.friends import RelayEndpoint
+from testbed.relay_process import RelayProcess, start_relay
+from testbed.toxcore0223 import toxcore_0223, toxcore_0223_error
 
 RELAY_KINDS = (
     "bootstrapd",

@@ -1,9 +1,9 @@
 """Two current toxcore clients (c-toxcore 0.2.23) become friends and use the new group
 chats through one TCP relay (issue 11).
 
-The clients are those of :mod:`tests.interop.friends` (UDP, IPv6 and LAN discovery
+The clients are those of :mod:`testbed.friends` (UDP, IPv6 and LAN discovery
 off, no TCP server of their own, one TCP relay, a private DHT for onion hops 2-3),
-built on a 0.2.23 library loaded by path (:mod:`tests.interop.toxgroups`). One friend
+built on a 0.2.23 library loaded by path (:mod:`testbed.toxgroups`). One friend
 connection serves three steps, each bounded:
 
 a. friends: A's request, both connected, messages both ways (contents, order);
@@ -28,7 +28,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tests.interop.friends import (
+from testbed.bootstrapd import DhtNode
+from testbed.friends import (
     Driver,
     Peer,
     RelayEndpoint,
@@ -40,9 +41,8 @@ from tests.interop.friends import (
     own_udp_inodes,
     socket_reports,
 )
-from tests.interop.toxcore import own_socket_fds
-from tests.interop.toxgroups import PRIVACY_PRIVATE, PRIVACY_PUBLIC, ToxGroupClient
-from tests.support.bootstrapd import DhtNode
+from testbed.toxcore import own_socket_fds
+from testbed.toxgroups import PRIVACY_PRIVATE, PRIVACY_PUBLIC, ToxGroupClient
 
 #: 0.2.23 clients over TCP-only relays take ~39 s to see a friend connected (an
 #: upstream timer, seen with tox-bootstrapd 0.2.23 as the relay too).

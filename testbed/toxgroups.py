@@ -1,5 +1,5 @@
 """The new group chats of c-toxcore >= 0.2.19 (``tox_group_*`` in ``tox.h``) on top of
-:class:`tests.interop.toxcore.ToxClient`, for a libtoxcore loaded by path (0.2.23).
+:class:`testbed.toxcore.ToxClient`, for a libtoxcore loaded by path (0.2.23).
 
 Only what the group scenario needs: create a public or private group, join a public
 one by its chat id, invite a friend to a private one and accept that invite, send
@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable
 
-from tests.interop.toxcore import (
+from testbed.toxcore import (
     TOX_MESSAGE_TYPE_NORMAL,
     UINT32_MAX,
     ToxClient,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.bootstrapd import _in_ci
+from testbed.bootstrapd import _in_ci
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "ops" / "build-toxcore-0.2.23"

@@ -1,0 +1,124 @@
+"""CPU per relayed frame in the sans-IO core: two linked clients on one
+relay (a shard of a cluster: ``shard=1``, as a worker runs it), one sending
+routed data to the other as fast as the core takes it, and the adapter's
+part reduced to taking the output (``data_to_send``, or the outbox on trees
+that predate it). No sockets, no event loop: what the number measures is the
+core's hot path (decrypt, route, encrypt, queue), the part a restructuring
+of ``relaycore`` can make dearer.
+
+    python3 -m ops.bench.frame_cost [--frames N] [--rounds R] [--payload BYTES]
+
+Prints one JSON line: microseconds of process CPU per frame, the best and
+the median of the rounds. Run it against two trees (PYTHONPATH) in
+alternation to compare them on a busy machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+from relaycore.client import ClientConnection
+from relaycore.crypto import generate_keypair
+from relaycore.packets import Ping, RoutedData, RoutingRequest
+from relaycore.relay import RelayServer
+
+
+def _data_to_send(connection: object) -> bytes:
+    """``connection.data_to_send()``, or what it does on trees that predate it."""
+    data_to_send = getattr(connection, "data_to_send", None)
+    if data_to_send is not None:
+        return data_to_send()
+    outbox = connection.outbox  # type: ignore[attr-defined]
+    data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+    outbox.clear()
+    connection.outbox_size = 0  # type: ignore[attr-defined]
+    return data
+
+
+def _drain(server: RelayServer) -> int:
+    """The adapter's part: what each connection has to write, in bytes."""
+    return sum(len(_data_to_send(connection)) for connection in server.take_dirty())
+
+
+def _pump(server: RelayServer, pairs: list[tuple[ClientConnection, object]]) -> None:
+    """Move bytes both ways until quiet (the handshake and the link)."""
+    for _ in range(20):
+        moved = False
+        for client, connection in pairs:
+            data = client.take_outbox()
+            if data:
+                server.receive(connection, data, 0.0)  # type: ignore[arg-type]
+                moved = True
+        for connection in server.take_dirty():
+            data = _data_to_send(connection)
+            for client, known in pairs:
+                if known is connection:
+                    client.receive(data)
+        if not moved:
+            return
+
+
+def measure(frames: int, payload: int) -> float:
+    """Seconds of process CPU per frame, for ``frames`` frames in one batch
+    per 256 (FRAMES_PER_RECEIVE: one read of a busy socket)."""
+    server_sk = generate_keypair()[1]
+    server = RelayServer(server_sk, shard=1)
+    sender = ClientConnection(os.urandom(32), server.public_key)
+    receiver = ClientConnection(os.urandom(32), server.public_key)
+    pairs = [
+        (sender, server.open_connection("127.0.0.1", 0.0)),
+        (receiver, server.open_connection("127.0.0.2", 0.0)),
+    ]
+    _pump(server, pairs)
+    sender.send(Ping(b"12345678"))
+    receiver.send(Ping(b"12345678"))
+    sender.send(RoutingRequest(receiver.public_key))
+    receiver.send(RoutingRequest(sender.public_key))
+    _pump(server, pairs)
+    sender.receive(b"")
+    body = os.urandom(payload)
+    batch = 256
+    chunks = []
+    for _ in range(frames // batch):
+        for _ in range(batch):
+            sender.send(RoutedData(16, body))
+        chunks.append(sender.take_outbox())
+    connection = pairs[0][1]
+    relayed_before = server.stats["relayed"]
+    started = time.process_time()
+    for chunk in chunks:
+        server.receive(connection, chunk, 1.0)  # type: ignore[arg-type]
+        _drain(server)
+    spent = time.process_time() - started
+    relayed = server.stats["relayed"] - relayed_before
+    if relayed != len(chunks) * batch:
+        raise SystemExit(f"relayed {relayed} of {len(chunks) * batch} frames")
+    return spent / relayed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--frames", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--payload", type=int, default=128)
+    arguments = parser.parse_args(argv)
+    per_frame = [measure(arguments.frames, arguments.payload) for _ in range(arguments.rounds)]
+    print(
+        json.dumps(
+            {
+                "us_per_frame_best": round(min(per_frame) * 1e6, 3),
+                "us_per_frame_median": round(statistics.median(per_frame) * 1e6, 3),
+                "rounds": arguments.rounds,
+                "frames": arguments.frames,
+                "payload": arguments.payload,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
