@@ -233,6 +233,14 @@ class CrossShard(ShardMap):
         bus, self._bus = self._bus, []
         return bus
 
+    def held_round_due(self) -> float | None:
+        """When the earliest round of re-WANTs held back by its pacing may go
+        (the next take_bus at or after it sends it); None when none is held."""
+        if not self._rewant:
+            return None
+        rewanted = self._rewanted_at
+        return min(rewanted.get(key, 0.0) + REWANT_INTERVAL for key in self._rewant)
+
     def _send_rewants(self, now: float) -> None:
         """R-ROUTE-6 across shards: each local connection with a REQUESTED
         slot for a key that got a SET WANTs the key's newest connection, once

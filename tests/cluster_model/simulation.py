@@ -553,6 +553,11 @@ class SimulatedCluster(_Driver):
     def _live_servers(self) -> list[RelayServer]:
         return [server for _, server in sorted(self.servers.items())]
 
+    def held_round_due(self) -> float | None:
+        """When the first re-WANT round a live shard holds back may go."""
+        due = [server.cluster.held_round_due() for server in self._live_servers()]
+        return min((when for when in due if when is not None), default=None)
+
     def tick(self, now: float) -> None:
         """Time passes: the servers' timers, and each replica's (a snapshot not
         answered in time, the full one after a coordinator restart's merge)."""

@@ -614,3 +614,37 @@ def test_re_wants_held_back_by_their_pacing_go_at_the_next_timer_round() -> None
         model=ConcurrentClusterModel,
         pairs=[(0, 0), (0, 0)],
     )
+
+
+def test_requests_to_a_key_that_reconnected_again_within_the_pacing_link_once_it_passes() -> None:
+    """Issue 10 #7 pacing, R-ROUTE-6 across shards, invariant 1.
+
+    Four keys each reconnect on the other shard in one instant, then two
+    clients request each other. The second and later SETs of a key within
+    REWANT_INTERVAL hold their re-WANT round back (the bound on a reconnect
+    storm). The model judged the step before time passed and saw two
+    REQUESTED slots where one server links at once. The held round goes at
+    the worker's next call after the interval (its timer at the latest):
+    ``ClusterModel._run`` now lets that time pass in both worlds before it
+    judges, and the pair must be linked then."""
+    state = ClusterModel()
+    state.start(
+        n_shards=2, n_identities=5, clients=[(2, 0), (4, 0), (3, 0), (1, 0)], pairs=[(0, 0)]
+    )
+    state._check()
+    steps: list[tuple[str, dict]] = [
+        ("oob", {"peer": 0, "pick": 0, "schedule": 0}),
+        ("pair", {"first": 0, "other": 0, "pick": 23, "second": 0}),
+        ("oob", {"peer": 0, "pick": 0, "schedule": 0}),
+        *[
+            ("reconnect_elsewhere", {"offset": 1, "pick": pick, "schedule": 0})
+            for pick in (0, 2, 3, 1)
+        ],
+        ("pair", {"first": 0, "other": 0, "pick": 44, "second": 0}),
+        ("connect", {"confirm": False, "identity": 1, "schedule": 0, "shard": 1}),
+        ("pair", {"first": 3, "other": 0, "pick": 5, "second": 0}),
+    ]
+    for name, arguments in steps:
+        getattr(state, name)(**arguments)
+        state._check()
+    state.teardown()
