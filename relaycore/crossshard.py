@@ -252,7 +252,7 @@ class CrossShard(ShardMap):
         rewanted = self._rewanted_at
         for public_key in rewant:
             last = rewanted.get(public_key)
-            if last is not None and now - last < REWANT_INTERVAL:
+            if last is not None and now < last + REWANT_INTERVAL:  # as held_round_due says
                 self._rewant[public_key] = None  # too soon: a later call sends it
                 continue
             rewanted.pop(public_key, None)

@@ -25,7 +25,7 @@ import pytest
 
 from testbed.bootstrapd import _in_ci
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO / "ops" / "build-toxcore-0.2.23"
 BUILD_TIMEOUT_S = 900.0
 VERSION = (0, 2, 23)

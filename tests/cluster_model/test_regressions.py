@@ -648,3 +648,21 @@ def test_requests_to_a_key_that_reconnected_again_within_the_pacing_link_once_it
         getattr(state, name)(**arguments)
         state._check()
     state.teardown()
+
+
+def test_a_held_re_want_round_goes_at_exactly_its_due_time() -> None:
+    """Issue 10 #7 pacing; found by the model once held rounds were released.
+
+    Coordinator restarts in a row re-SET alice within REWANT_INTERVAL; the
+    held round was due at last + 0.1 s, but the pacing compared now - last
+    with 0.1 s, which floating point makes 0.0999... at that very moment:
+    the round stayed held at its own due time (on a worker, until a later
+    flush). ``CrossShard._send_rewants`` now compares with the same sum as
+    ``held_round_due``."""
+    state = ClusterModel()
+    state.start(n_shards=2, n_identities=4, clients=[(0, 0), (1, 1)], pairs=[(0, 0)])
+    state._check()
+    for _ in range(21):
+        state.restart_coordinator(schedule=0)
+        state._check()
+    state.teardown()
