@@ -18,6 +18,8 @@ import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ops.bench import page
+
 if TYPE_CHECKING:
     from ops.bench.chaos import Chaos, Direction, Event, Pair
 
@@ -400,23 +402,6 @@ def render_markdown(result: dict, command: str, date: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def splice_section(text: str, section: str) -> str:
-    """``text`` with its "Chaos run" section replaced by ``section`` (up to the next
-    "## " heading), or inserted before "## Machine" (or at the end) when it had none."""
-    lines = text.rstrip("\n").split("\n")
-    kept: list[str] = []
-    at: int | None = None
-    skipping = False
-    for line in lines:
-        if line.startswith("## "):
-            skipping = line.strip() == SECTION
-            if skipping and at is None:
-                at = len(kept)
-        if not skipping:
-            kept.append(line)
-    if at is None:
-        at = kept.index("## Machine") if "## Machine" in kept else len(kept)
-    new = [*section.rstrip("\n").split("\n"), ""]
-    if at == len(kept) and kept and kept[-1] != "":
-        new = ["", *new]
-    return "\n".join(kept[:at] + new + kept[at:]).rstrip("\n") + "\n"
+def splice_section(text: str, section: str, heading: str = SECTION) -> str:
+    """``text`` with its ``heading`` section replaced by ``section`` (ops/bench/page.py)."""
+    return page.splice_section(text, section, heading)

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ops.bench import proctree
+from ops.bench import page, proctree
 from ops.bench.targets import (
     REPO_ROOT,
     Target,
@@ -378,25 +378,8 @@ def render_section(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def splice_section(text: str, section: str, heading: str = SECTION) -> str:
-    """``text`` with its ``heading`` section replaced where it stands, or added before
-    "## Machine" (or at the end) when it has none."""
-    lines = text.rstrip("\n").split("\n") if text else []
-    new = [*section.rstrip("\n").split("\n"), ""]
-    kept: list[str] = []
-    at = None
-    skipping = False
-    for line in lines:
-        if line.startswith("## "):
-            skipping = line.strip() == heading
-            if skipping and at is None:
-                at = len(kept)
-        if not skipping:
-            kept.append(line)
-    if at is None:
-        at = kept.index("## Machine") if "## Machine" in kept else len(kept)
-        if at == len(kept) and kept and kept[-1] != "":
-            new = ["", *new]
-    return "\n".join(kept[:at] + new + kept[at:]).rstrip("\n") + "\n"
+    """``text`` with its ``heading`` section replaced by ``section`` (ops/bench/page.py)."""
+    return page.splice_section(text, section, heading)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
