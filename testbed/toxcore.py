@@ -478,14 +478,7 @@ class ToxClient:
 
     def add_tcp_relay(self, host: str, port: int, public_key: bytes) -> None:
         """``tox_add_tcp_relay``; raises :class:`ToxError` on a Tox_Err_Bootstrap."""
-        if len(public_key) != PUBLIC_KEY_SIZE:
-            raise ValueError("relay public key must be 32 bytes")
-        error = ctypes.c_int(-1)
-        ok = self._lib.tox_add_tcp_relay(
-            self._handle, host.encode(), port, public_key, ctypes.byref(error)
-        )
-        if not ok or error.value != TOX_ERR_BOOTSTRAP_OK:
-            raise ToxError(f"tox_add_tcp_relay failed: Tox_Err_Bootstrap {error.value}")
+        self._bootstrap_call("tox_add_tcp_relay", "relay", host, port, public_key)
 
     def iteration_interval(self) -> float:
         """Seconds toxcore wants until the next :meth:`iterate`."""
@@ -503,14 +496,21 @@ class ToxClient:
     def bootstrap(self, host: str, port: int, public_key: bytes) -> None:
         """``tox_bootstrap`` to a DHT node (UDP port). With UDP disabled the node is
         not contacted directly; it becomes a candidate onion path node."""
+        self._bootstrap_call("tox_bootstrap", "node", host, port, public_key)
+
+    def _bootstrap_call(
+        self, function: str, what: str, host: str, port: int, public_key: bytes
+    ) -> None:
+        """``tox_bootstrap`` / ``tox_add_tcp_relay``: same arguments, same
+        Tox_Err_Bootstrap; raises :class:`ToxError` when it fails."""
         if len(public_key) != PUBLIC_KEY_SIZE:
-            raise ValueError("node public key must be 32 bytes")
+            raise ValueError(f"{what} public key must be 32 bytes")
         error = ctypes.c_int(-1)
-        ok = self._lib.tox_bootstrap(
+        ok = getattr(self._lib, function)(
             self._handle, host.encode(), port, public_key, ctypes.byref(error)
         )
         if not ok or error.value != TOX_ERR_BOOTSTRAP_OK:
-            raise ToxError(f"tox_bootstrap failed: Tox_Err_Bootstrap {error.value}")
+            raise ToxError(f"{function} failed: Tox_Err_Bootstrap {error.value}")
 
     @property
     def address(self) -> bytes:

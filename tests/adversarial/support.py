@@ -101,10 +101,7 @@ async def connect_from(
     cluster: Cluster, source_ip: str, where: ShardLine | None = None, timeout: float = 5.0
 ) -> RelayClient:
     """A confirmed client from ``source_ip`` on ``where``'s shard (or the shared port)."""
-    host, port = where.address if where is not None else (cluster.relay.host, cluster.relay.port)
-    return await RelayClient.connect(
-        host, port, cluster.relay.public_key, local_addr=(source_ip, 0), timeout=timeout
-    )
+    return await cluster.connect(where, timeout=timeout, source_ip=source_ip)
 
 
 class HonestPair:

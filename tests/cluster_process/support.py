@@ -151,14 +151,17 @@ class Cluster:
         secret_key: bytes | None = None,
         timeout: float = 5.0,
         confirm: bool = True,
+        source_ip: str | None = None,
     ) -> RelayClient:
-        """A confirmed client on ``where``'s shard (its direct address) or the shared port."""
+        """A confirmed client on ``where``'s shard (its direct address) or the shared
+        port, from ``source_ip`` (a 127.x address) when given."""
         host, port = where.address if where is not None else (self.relay.host, self.relay.port)
         return await RelayClient.connect(
             host,
             port,
             self.relay.public_key,
             secret_key=secret_key,
+            local_addr=(source_ip, 0) if source_ip is not None else None,
             timeout=timeout,
             confirm=confirm,
         )
