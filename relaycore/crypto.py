@@ -25,12 +25,36 @@ _box_open_easy_afternm = lib.crypto_box_open_easy_afternm
 _buffer = ffi.buffer
 KEY_SIZE = 32
 
+# For the framing's copy-free path (relaycore.framing.open_frames): libsodium
+# reading a bytearray in place and writing into buffers allocated once.
+buffer_of = ffi.buffer
+from_buffer = ffi.from_buffer
+release_buffer = ffi.release
+
+
+def scratch_buffer(size: int) -> object:
+    """A C buffer of ``size`` bytes, for ``box_open_into`` / ``seal_into``."""
+    return _uninitialised("unsigned char[]", size)
+
+
+# The libsodium functions themselves (no Python call in between: they are on
+# the per-frame path). box_open_into(plain, boxed, size, nonce, key) opens
+# ``size`` boxed bytes into ``plain`` and returns 0, or -1 for a bad MAC;
+# seal_into(boxed, plain, size, nonce, key) seals ``size`` bytes into
+# ``boxed`` (size + 16 bytes). The caller guarantees a boxed size > 16, a
+# 32-byte key and a 24-byte nonce.
+box_open_into = _box_open_easy_afternm
+seal_into = _box_easy_afternm
+
 NONCE_MODULUS = 1 << (8 * CRYPTO_NONCE_SIZE)
 
 __all__ = [
     "CryptoError",
     "NONCE_MODULUS",
     "beforenm",
+    "box_open_into",
+    "buffer_of",
+    "from_buffer",
     "generate_keypair",
     "increment_nonce",
     "nonce_bytes",
@@ -39,7 +63,10 @@ __all__ = [
     "open_box_unchecked",
     "public_key_of",
     "random_bytes",
+    "release_buffer",
+    "scratch_buffer",
     "seal",
+    "seal_into",
     "seal_unchecked",
 ]
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 from relaycore.connection import (
     ZERO_PING_ID,
@@ -41,10 +41,10 @@ from relaycore.constants import (
     PacketId,
 )
 from relaycore.crossshard import CrossShard
-from relaycore.crypto import CryptoError, beforenm, generate_keypair, public_key_of
+from relaycore.crypto import CryptoError, beforenm, buffer_of, generate_keypair, public_key_of
 from relaycore.errors import InvariantBroken, ProtocolViolation
 from relaycore.firsthop import FirstHop
-from relaycore.framing import SecureChannel
+from relaycore.framing import PLAINTEXT, SecureChannel
 from relaycore.handshake import open_client_hello_keyed, seal_server_reply
 from relaycore.limits import PendingByAddress, address_key
 from relaycore.neighbours import Alone, Neighbours
@@ -90,6 +90,9 @@ MAX_HELD_INPUT = 512 * 1024
 # again on a later event-loop turn (with reading paused meanwhile), so no
 # client holds the loop for more than about 1.5 ms (~6 us per PING frame).
 FRAMES_PER_RECEIVE = 256
+
+CONFIRMED = ConnectionState.CONFIRMED
+LINKED = SlotState.LINKED
 
 
 class RelayServer:
@@ -193,29 +196,83 @@ class RelayServer:
                 return
             channel.hold(data)
             return
-        frames = channel.receive(data)
+        self._read_frames(connection, channel, data, now)
+
+    def _read_frames(
+        self, connection: ServerConnection, channel: SecureChannel, data: bytes, now: float
+    ) -> None:
+        """The per-frame loop (§5, §8), at most FRAMES_PER_RECEIVE frames. Routed
+        data over a link, the bulk of a relay's work, is handled inline: for a
+        client on this shard its plaintext is re-sealed for the peer straight
+        from the channel's buffer (R-DATA-4), one new object per frame; for
+        one on another shard it goes to the bus; counters are added once per
+        call. Every other packet takes ``_handle_packet``."""
+        frames = channel.open_frames(data)
+        stats = self.stats
+        plaintext = buffer_of(PLAINTEXT)
+        slots = connection.slots
+        soft_limit = self.options.output_soft_limit
+        dirty = self._dirty
+        send_remote = self.cluster.send_data
+        count = relayed = relayed_bytes = dropped = 0
         try:
-            stats = self.stats
-            budget = FRAMES_PER_RECEIVE
-            for plain in frames:
-                stats["frames_in"] += 1
+            for size in frames:
+                count += 1
+                packet_id = PLAINTEXT[0]
+                if packet_id >= NUM_RESERVED_PORTS and connection.state is CONFIRMED:
+                    slot = slots[packet_id - NUM_RESERVED_PORTS]
+                    if slot is not None and slot.state is LINKED:  # R-DATA-4
+                        peer = slot.peer
+                        if peer is None:  # linked to a client on another shard
+                            send_remote(connection, slot.remote, plaintext[1:size])  # type: ignore[arg-type]
+                        elif peer.outbox_size + peer.transport_backlog > soft_limit:
+                            dropped += 1  # R-OUT-2: no nonce used
+                        elif peer.state is CONFIRMED:
+                            PLAINTEXT[0] = slot.peer_slot + NUM_RESERVED_PORTS  # type: ignore[union-attr]
+                            frame = peer.channel.encrypt_plaintext(size)  # type: ignore[union-attr]
+                            if not peer.outbox:
+                                dirty.append(peer)
+                            peer.outbox.append(frame)
+                            peer.outbox_size += len(frame)
+                            relayed += 1
+                            relayed_bytes += size
+                        if count == FRAMES_PER_RECEIVE:
+                            self._stop_reading(connection, channel, frames)
+                            break
+                        continue
                 if connection.state is ConnectionState.UNCONFIRMED:
                     self._confirm(connection, now)  # R-CONF-1
-                self._handle_packet(connection, plain, now)
+                    slots = connection.slots
+                self._handle_packet(connection, plaintext[:size], now)
                 if connection.state is ConnectionState.CLOSED:
                     return
                 if connection.waiting_for is not None:
                     break  # the rest waits for the other shard's answer
-                budget -= 1
-                if not budget:
-                    frames.close()  # the buffer now starts at the next frame
-                    # The rest waits for a later turn (if a whole frame is left).
-                    connection.more_input = channel.has_frame()
+                if count == FRAMES_PER_RECEIVE:
+                    self._stop_reading(connection, channel, frames)
                     break
         except ProtocolViolation as violation:
             self.kill(connection, violation.rule)
         finally:
             frames.close()
+            stats["frames_in"] += count
+            if relayed:
+                stats["relayed"] += relayed
+                stats["relayed_bytes"] += relayed_bytes
+                stats["frames_out"] += relayed
+            if dropped:
+                stats["dropped.backpressure"] += dropped
+
+    def _stop_reading(
+        self,
+        connection: ServerConnection,
+        channel: SecureChannel,
+        frames: Generator[int, None, None],
+    ) -> None:
+        """This call's share of frames is used up: the rest stays buffered
+        for a later turn (``more_input`` when a whole frame is left)."""
+        frames.close()  # the buffer now starts at the next frame
+        connection.more_input = channel.has_frame()
 
     def settle(self) -> None:
         """Kill what passed output_hard_limit during the call that ends now:
