@@ -46,6 +46,8 @@ from relaycore.shardmap import ShardMap
 if TYPE_CHECKING:
     from relaycore.relay import RelayServer
 
+_DATA = int(Link.DATA)
+
 # Seconds a connection waits for another shard to answer its routing request
 # before it reads on anyway (a dead shard is also dropped by the coordinator).
 LINK_ANSWER_TIMEOUT = 2.0
@@ -281,6 +283,9 @@ class CrossShard(ShardMap):
 
     def receive_link(self, from_shard: ShardId, message: tuple, now: float) -> None:
         """A link message from another shard (handlers are idempotent)."""
+        if message[0] == _DATA:  # the bulk; delivering data kills nobody: no settle
+            self._on_data(from_shard, message, now)
+            return
         handler = self._link_handlers.get(message[0])
         if handler is not None:
             handler(from_shard, message, now)
@@ -289,8 +294,9 @@ class CrossShard(ShardMap):
     def _on_data(self, from_shard: ShardId, message: tuple, now: float) -> None:
         """Routed data over a link (R-DATA-4): only the link's own two epochs."""
         _, from_pk, from_epoch, to_pk, to_epoch, payload = message
-        connection = self._local(to_pk, to_epoch)
-        if connection is None:
+        connection = self.relay.by_key.get(to_pk)
+        if connection is None or connection.epoch != to_epoch:
+            self.stats["dropped.stale_epoch"] += 1
             return
         index = connection.slot_of_key.get(from_pk)
         slot = connection.slots[index] if index is not None else None
@@ -298,7 +304,7 @@ class CrossShard(ShardMap):
         if remote is None or remote.epoch != from_epoch or remote.shard != from_shard:
             self.stats["dropped.stale_link"] += 1
             return
-        self.relay.deliver(connection, bytes((index + NUM_RESERVED_PORTS,)) + payload)  # type: ignore[operator]
+        self.relay.deliver_routed(connection, index + NUM_RESERVED_PORTS, payload)  # type: ignore[operator]
 
     def _on_want_or_linked(self, from_shard: ShardId, message: tuple, now: float) -> None:
         kind, from_pk, from_epoch, to_pk, to_epoch = message

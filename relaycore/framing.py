@@ -59,14 +59,12 @@ class SecureChannel:
         if len(plain) > MAX_PLAINTEXT_SIZE:
             # R-FRAME-6: never emit a frame longer than 2048.
             raise ValueError(f"plaintext of {len(plain)} bytes exceeds {MAX_PLAINTEXT_SIZE}")
-        return self._seal_frame(plain, len(plain))
+        return self.seal_frame(len(plain), plain)
 
-    def encrypt_plaintext(self, size: int) -> bytes:
-        """``encrypt`` of the first ``size`` bytes of PLAINTEXT (a frame
-        ``open_frames`` opened, no longer than one: R-FRAME-6 holds)."""
-        return self._seal_frame(PLAINTEXT, size)
-
-    def _seal_frame(self, plain: object, size: int) -> bytes:
+    def seal_frame(self, size: int, plain: object = PLAINTEXT) -> bytes:
+        """The frame of the first ``size`` bytes of ``plain`` (by default
+        PLAINTEXT: a frame ``open_frames`` opened, so no longer than one and
+        R-FRAME-6 holds); uses (and advances) the send nonce (R-FRAME-7)."""
         nonce = self.send_nonce
         self.send_nonce = (nonce + 1) % NONCE_MODULUS
         boxed = size + CRYPTO_MAC_SIZE

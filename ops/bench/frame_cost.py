@@ -6,7 +6,12 @@ that predate it). No sockets, no event loop: what the number measures is the
 core's hot path (decrypt, route, encrypt, queue), the part a restructuring
 of ``relaycore`` can make dearer.
 
-    python3 -m ops.bench.frame_cost [--frames N] [--rounds R] [--payload BYTES]
+    python3 -m ops.bench.frame_cost [--frames N] [--rounds R] [--payload BYTES] [--cross]
+
+``--cross``: the two clients are on two shards of a cluster (two relays with
+shard ids 1 and 2, their link messages handed from one's ``take_bus`` to the
+other's ``receive_link`` in process): the core's share of a cross-shard
+frame, both shards together, without the bus's encoding and ZeroMQ.
 
 Prints one JSON line: microseconds of process CPU per frame, the best and
 the median of the rounds. Run it against two trees (PYTHONPATH) in
@@ -25,6 +30,7 @@ from relaycore.client import ClientConnection
 from relaycore.crypto import generate_keypair
 from relaycore.packets import Ping, RoutedData, RoutingRequest
 from relaycore.relay import RelayServer
+from relaycore.shardlink import MapUpdate
 
 
 def _data_to_send(connection: object) -> bytes:
@@ -100,13 +106,94 @@ def measure(frames: int, payload: int) -> float:
     return spent / relayed
 
 
+def _exchange(servers: dict[int, RelayServer]) -> bool:
+    """Hand each shard's link messages and map registrations to the other
+    (as the bus and the coordinator would); True when anything moved."""
+    moved = False
+    for shard, server in servers.items():
+        cluster = server.cluster
+        for kind, public_key, epoch in cluster.take_registry():  # type: ignore[attr-defined]
+            moved = True
+            for other in servers.values():
+                if kind == 1:  # REGISTER
+                    update = (MapUpdate.SET, public_key, shard, epoch, None, None)
+                else:
+                    update = (MapUpdate.DEL, public_key, shard, epoch)
+                other.cluster.apply_map_update(update, 0.0)  # type: ignore[attr-defined]
+        for destination, message in cluster.take_bus(0.0):  # type: ignore[attr-defined]
+            moved = True
+            servers[destination].cluster.receive_link(shard, message, 0.0)  # type: ignore[attr-defined]
+    return moved
+
+
+def measure_cross(frames: int, payload: int) -> float:
+    """``measure`` with the sender on shard 1 and the receiver on shard 2."""
+    server_sk = generate_keypair()[1]
+    servers = {1: RelayServer(server_sk, shard=1), 2: RelayServer(server_sk, shard=2)}
+    for server in servers.values():
+        server.cluster.set_peer_shards([1, 2], 0.0)  # type: ignore[attr-defined]
+    sender = ClientConnection(os.urandom(32), servers[1].public_key)
+    receiver = ClientConnection(os.urandom(32), servers[2].public_key)
+    ends = [
+        (sender, servers[1], servers[1].open_connection("127.0.0.1", 0.0)),
+        (receiver, servers[2], servers[2].open_connection("127.0.0.2", 0.0)),
+    ]
+
+    def pump() -> None:
+        for _ in range(20):
+            moved = _exchange(servers)
+            for client, server, connection in ends:
+                data = client.take_outbox()
+                if data:
+                    server.receive(connection, data, 0.0)  # type: ignore[arg-type]
+                    moved = True
+                for dirty in server.take_dirty():
+                    output = _data_to_send(dirty)
+                    if dirty is connection:
+                        client.receive(output)
+            if not moved:
+                return
+
+    pump()
+    sender.send(Ping(b"12345678"))
+    receiver.send(Ping(b"12345678"))
+    pump()
+    sender.send(RoutingRequest(receiver.public_key))
+    receiver.send(RoutingRequest(sender.public_key))
+    pump()
+    body = os.urandom(payload)
+    batch = 256
+    chunks = []
+    for _ in range(frames // batch):
+        for _ in range(batch):
+            sender.send(RoutedData(16, body))
+        chunks.append(sender.take_outbox())
+    first, second = servers[1], servers[2]
+    connection = ends[0][2]
+    relayed_before = second.stats["relayed"]
+    started = time.process_time()
+    for chunk in chunks:
+        first.receive(connection, chunk, 1.0)  # type: ignore[arg-type]
+        _drain(first)
+        for _, message in first.cluster.take_bus(1.0):  # type: ignore[attr-defined]
+            second.cluster.receive_link(1, message, 1.0)  # type: ignore[attr-defined]
+        _drain(second)
+    spent = time.process_time() - started
+    relayed = second.stats["relayed"] - relayed_before
+    if relayed != len(chunks) * batch:
+        raise SystemExit(f"relayed {relayed} of {len(chunks) * batch} frames across shards")
+    return spent / relayed
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--payload", type=int, default=128)
+    parser.add_argument("--cross", action="store_true", help="sender and receiver on two shards")
     arguments = parser.parse_args(argv)
-    per_frame = [measure(arguments.frames, arguments.payload) for _ in range(arguments.rounds)]
+    run = measure_cross if arguments.cross else measure
+    per_frame = [run(arguments.frames, arguments.payload) for _ in range(arguments.rounds)]
     print(
         json.dumps(
             {
@@ -115,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                 "rounds": arguments.rounds,
                 "frames": arguments.frames,
                 "payload": arguments.payload,
+                "cross_shard": arguments.cross,
             }
         )
     )
