@@ -26,6 +26,7 @@ from cluster.loadtest.clients import (
 from cluster.loadtest.identity import Identity
 from cluster.loadtest.modes.base import ModeRunner, in_lanes, sleep_until
 from cluster.loadtest.payload import (
+    ECHO,
     ECHO_PREFIX,
     HEADER,
     HEADER_SIZE,
@@ -34,6 +35,8 @@ from cluster.loadtest.payload import (
     original,
 )
 from cluster.loadtest.spec import WorkerSpec
+from relaycore.crypto import buffer_of
+from relaycore.framing import PLAINTEXT
 from relaycore.packets import (
     DisconnectNotification,
     OobReceive,
@@ -50,6 +53,8 @@ DRAIN_POLL_S = 0.01
 _HALF_SEQUENCE = SEQUENCE_MODULUS // 2
 OOB_RECV = 7  # packet id (tcp-relay-protocol.md); its data follows the sender's key
 OOB_DATA = 1 + 32
+_PLAINTEXT_BYTES = buffer_of(PLAINTEXT)
+_unpack_header = HEADER.unpack_from
 
 
 def data_on(connection_id: int) -> bytes:
@@ -69,7 +74,19 @@ def oob_to(public_key: bytes) -> bytes:
 class Endpoint:
     """One client of a pair: originates, echoes, and times its echoes."""
 
-    __slots__ = ("run", "client", "wrap", "peer", "sent", "echoed", "next_echo", "next_original")
+    __slots__ = (
+        "run",
+        "client",
+        "wrap",
+        "wrap_id",
+        "offset",
+        "peer",
+        "sent",
+        "echoed",
+        "next_echo",
+        "next_original",
+        "frames",
+    )
 
     def __init__(
         self,
@@ -81,11 +98,14 @@ class Endpoint:
         self.run = run
         self.client = client
         self.wrap = wrap  # plaintext prefix of the packet that carries a payload to the partner
+        self.wrap_id = wrap[0]  # its packet id (our connection id, or OOB_SEND)
+        self.offset = len(wrap)  # where the payload starts, in our packets and the partner's
         self.peer = peer  # connection id (data) or public key (OOB) the partner's packets carry
         self.sent = 0
         self.echoed = 0
         self.next_echo = 0
         self.next_original = 0
+        self.frames = 0  # handed over by on_frame since the last on_frames_done
 
     @property
     def in_flight(self) -> int:
@@ -123,29 +143,58 @@ class Endpoint:
         if payloads:
             self.on_payloads(payloads)
 
-    def on_plains(self, plains: list[bytes]) -> None:
-        """Plaintexts of routed data or OOB receive packets, undecoded (``LoadClient``'s
-        fast path: no packet object per frame). Same checks as ``on_packets``."""
-        peer = self.peer
-        errors = self.run.result.errors
-        payloads = []
-        oob = self.run.oob
-        for plain in plains:
-            if (plain[0] == OOB_RECV) is not oob:
-                errors["unexpected packet"] += 1
-            elif (plain[1:OOB_DATA] if oob else plain[0]) != peer:
-                errors["misdelivered"] += 1
-            else:
-                payloads.append(plain[OOB_DATA:] if oob else plain[1:])
-        if payloads:
-            self.on_payloads(payloads)
+    def on_frame(self, size: int, now: float) -> None:
+        """One routed data / OOB receive frame, its plaintext in PLAINTEXT
+        (``LoadClient``'s fast path; same checks as ``on_packets``). An
+        original is echoed from PLAINTEXT itself: the echo is the same bytes
+        but the packet id (routed data: our id; OOB: OOB_SEND, the sender's
+        key becoming the destination) and the kind byte -- one seal, no copy."""
+        run = self.run
+        offset = self.offset
+        if size - offset != run.size:
+            run.result.errors["bad payload"] += 1
+            return
+        if run.oob:
+            if PLAINTEXT[0] != OOB_RECV:
+                run.result.errors["unexpected packet"] += 1
+                return
+            if _PLAINTEXT_BYTES[1:OOB_DATA] != self.peer:
+                run.result.errors["misdelivered"] += 1
+                return
+        elif PLAINTEXT[0] != self.peer:
+            run.result.errors["misdelivered"] += 1
+            return
+        flag, sequence, sent_at = _unpack_header(_PLAINTEXT_BYTES, offset)
+        self.frames += 1
+        core = self.client.core
+        if flag == ORIGINAL:
+            if (sequence - self.next_original) % SEQUENCE_MODULUS >= _HALF_SEQUENCE:
+                run.result.errors["out of order"] += 1
+            self.next_original = (sequence + 1) % SEQUENCE_MODULUS
+            PLAINTEXT[0] = self.wrap_id
+            PLAINTEXT[offset] = ECHO
+            core.outbox += core.channel.seal_frame(size)  # type: ignore[union-attr]
+            return
+        self.echoed += 1
+        if (sequence - self.next_echo) % SEQUENCE_MODULUS >= _HALF_SEQUENCE:
+            run.result.errors["out of order"] += 1
+        self.next_echo = (sequence + 1) % SEQUENCE_MODULUS
+        if run.measure_from <= now < run.measure_until:
+            run.result.latency.add(now - sent_at)
+        if run.originating and self.sent - self.echoed < run.window:
+            plain = self.wrap + original(self.sent, time.perf_counter(), run.filler)
+            core.outbox += core.channel.encrypt(plain)  # type: ignore[union-attr]
+            self.sent += 1
+
+    def on_frames_done(self, now: float) -> None:
+        """The end of a read that brought frames: count them once."""
+        if self.frames:
+            self.run.count_frames(now, self.frames)
+            self.frames = 0
 
     def on_payloads(self, payloads: list[bytes]) -> None:
-        """Echo originals, time echoes and send the next originals.
-
-        The generator's per-frame loop: frames are sealed straight into the
-        client core's outbox (what ``queue_plain`` does, minus three calls), so
-        that the generator spends no more CPU per frame than the relay."""
+        """Echo originals, time echoes and send the next originals (the
+        ``on_packets`` path: payloads of decoded packets)."""
         run = self.run
         now = time.perf_counter()
         errors = run.result.errors
@@ -240,7 +289,8 @@ class TrafficRunner(ModeRunner):
             endpoint = Endpoint(self, client, wrap, peer)
             client.pending_events()  # leftovers of the link phase
             client.on_packets = endpoint.on_packets
-            client.on_plains = endpoint.on_plains
+            client.on_frame = endpoint.on_frame
+            client.on_frames_done = endpoint.on_frames_done
             self.endpoints.append(endpoint)
             self.keep(client)
         self.ready_units += 1
