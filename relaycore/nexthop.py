@@ -32,6 +32,9 @@ _NON_GLOBAL = tuple(
 )  # fmt: skip
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
+# Next-hop hosts whose verdict a policy remembers (NextHopPolicy._verdicts).
+VERDICTS_CACHED = 4096
+
 # Stats reasons (dropped.<reason>).
 PRIVATE = "next_hop_private"
 OWN_ADDRESS = "next_hop_own_address"
@@ -63,7 +66,7 @@ def is_global(address: IPAddress) -> bool:
 class NextHopPolicy:
     """Decides, per datagram, whether a next hop is refused and why."""
 
-    __slots__ = ("allow_private", "own_addresses", "own_ports")
+    __slots__ = ("allow_private", "own_addresses", "own_ports", "_verdicts")
 
     def __init__(
         self,
@@ -76,20 +79,29 @@ class NextHopPolicy:
         self.allow_private = allow_private
         self.own_addresses = frozenset(reached_address(a) for a in own_addresses)
         self.own_ports = frozenset(own_ports)
+        # host -> (own, global): ~9 us of ipaddress work per datagram uncached;
+        # next hops repeat. Bounded: emptied when it reaches VERDICTS_CACHED.
+        self._verdicts: dict[str, tuple[bool, bool]] = {}
 
     def is_own(self, address: IPAddress) -> bool:
         return address in self.own_addresses or address.is_loopback
 
     def refusal(self, host: str, port: int) -> str | None:
         """None when ``host:port`` may be sent to, else the stats reason."""
-        address = reached_address(host)
-        own = self.is_own(address)
+        verdict = self._verdicts.get(host)
+        if verdict is None:
+            address = reached_address(host)
+            verdict = (self.is_own(address), is_global(address))
+            if len(self._verdicts) >= VERDICTS_CACHED:
+                self._verdicts.clear()
+            self._verdicts[host] = verdict
+        own, global_ = verdict
         if own and port in self.own_ports:
             return SELF  # the relay's own UDP socket: a loop, never useful
         if self.allow_private:
             return None
         if own:
             return OWN_ADDRESS
-        if not is_global(address):
+        if not global_:
             return PRIVATE
         return None

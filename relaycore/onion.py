@@ -19,6 +19,7 @@ not lost (docs/differences.md).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -108,6 +109,12 @@ class Dropped(Exception):
 # ----------------------------------------------------------------------
 
 
+# Next hops repeat (a client's paths use a few node-2 addresses): the address
+# work below is cached per address, bounded; a miss costs what it did uncached.
+ADDRESS_CACHE = 4096
+
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE)
 def _host_of(family: int, raw: bytes) -> str:
     if family == FAMILY_INET:
         return str(ipaddress.IPv4Address(raw[:4]))
@@ -137,8 +144,11 @@ def is_sendable(host: str, port: int) -> bool:
     and own addresses are refused on top of this by ``relaycore.nexthop``
     (docs/differences.md row 9 says exactly what is refused).
     """
-    if port == 0:
-        return False
+    return port != 0 and _reaches_one_host(host)
+
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE)
+def _reaches_one_host(host: str) -> bool:
     address = ipaddress.ip_address(host)
     if address.is_multicast or address.is_unspecified:
         return False

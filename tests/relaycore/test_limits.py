@@ -4,12 +4,20 @@ per SET batch, OOB broadcasts and onion requests budgeted per address."""
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 
 import pytest
 
 from relaycore.limits import AddressBuckets, PendingByAddress, address_key
-from relaycore.nexthop import OWN_ADDRESS, PRIVATE, SELF, NextHopPolicy, reached_address
+from relaycore.nexthop import (
+    OWN_ADDRESS,
+    PRIVATE,
+    SELF,
+    VERDICTS_CACHED,
+    NextHopPolicy,
+    reached_address,
+)
 from relaycore.onion import OnionSecrets
 from relaycore.options import RelayOptions
 from relaycore.packets import ForwardRequest, OobSend, RoutingRequest
@@ -62,6 +70,22 @@ def test_own_addresses_and_own_udp_endpoint() -> None:
     assert lan.refusal("203.0.114.5", 9) is None
     assert lan.refusal("203.0.114.5", 33445) == SELF
     assert lan.refusal("127.0.0.1", 33445) == SELF  # loopback is always the host itself
+
+
+def test_next_hop_verdicts_are_remembered_within_a_bound() -> None:
+    """The per-host verdict cache (9 us of ipaddress work per datagram saved)
+    gives the same answers the second time, per port, and a client sending
+    to ever new addresses cannot make it hold more than VERDICTS_CACHED."""
+    policy = NextHopPolicy(own_addresses=["203.0.114.5"], own_ports=[33445])
+    for _ in range(2):
+        assert policy.refusal("203.0.114.5", 33445) == SELF
+        assert policy.refusal("203.0.114.5", 9) == OWN_ADDRESS
+        assert policy.refusal("10.0.0.1", 9) == PRIVATE
+        assert policy.refusal("8.8.4.4", 9) is None
+    for n in range(VERDICTS_CACHED + 100):
+        policy.refusal(str(ipaddress.IPv4Address(0x08000000 + n)), 9)
+    assert len(policy._verdicts) <= VERDICTS_CACHED
+    assert policy.refusal("203.0.114.5", 33445) == SELF  # still right after emptying
 
 
 def forward_to(host: bytes, port: int) -> ForwardRequest:
