@@ -93,6 +93,9 @@ FRAMES_PER_RECEIVE = 256
 
 CONFIRMED = ConnectionState.CONFIRMED
 _ID_BYTES = [bytes((value,)) for value in range(256)]
+# The counter of each packet id a client may send (decode_client_packet has
+# refused the others before it is looked up).
+_PACKETS_IN = {packet_id: f"packets_in.{packet_id.name.lower()}" for packet_id in PacketId}
 LINKED = SlotState.LINKED
 
 
@@ -476,7 +479,7 @@ class RelayServer:
                 self.stats["dropped.not_linked"] += 1  # R-DATA-3
             return
         packet = decode_client_packet(plain)
-        self.stats[f"packets_in.{PacketId(packet_id).name.lower()}"] += 1
+        self.stats[_PACKETS_IN[packet_id]] += 1
         if isinstance(packet, RoutingRequest):
             self._route_request(connection, packet.public_key, now)
         elif isinstance(packet, Ping):  # R-PING-1
