@@ -55,6 +55,7 @@ OOB_RECV = 7  # packet id (tcp-relay-protocol.md); its data follows the sender's
 OOB_DATA = 1 + 32
 _PLAINTEXT_BYTES = buffer_of(PLAINTEXT)
 _unpack_header = HEADER.unpack_from
+_pack_header = HEADER.pack_into
 
 
 def data_on(connection_id: int) -> bytes:
@@ -148,7 +149,9 @@ class Endpoint:
         (``LoadClient``'s fast path; same checks as ``on_packets``). An
         original is echoed from PLAINTEXT itself: the echo is the same bytes
         but the packet id (routed data: our id; OOB: OOB_SEND, the sender's
-        key becoming the destination) and the kind byte -- one seal, no copy."""
+        key becoming the destination) and the kind byte -- one seal, no copy.
+        An echo makes room for the next original, written over it the same
+        way (the filler is this process's, the one our original carried)."""
         run = self.run
         offset = self.offset
         if size - offset != run.size:
@@ -182,8 +185,17 @@ class Endpoint:
         if run.measure_from <= now < run.measure_until:
             run.result.latency.add(now - sent_at)
         if run.originating and self.sent - self.echoed < run.window:
-            plain = self.wrap + original(self.sent, time.perf_counter(), run.filler)
-            core.outbox += core.channel.encrypt(plain)  # type: ignore[union-attr]
+            # The next original in place of the echo: same size, same filler
+            # (this process's), our packet id, a new header.
+            PLAINTEXT[0] = self.wrap_id
+            _pack_header(
+                _PLAINTEXT_BYTES,
+                offset,
+                ORIGINAL,
+                self.sent % SEQUENCE_MODULUS,
+                time.perf_counter(),
+            )
+            core.outbox += core.channel.seal_frame(size)  # type: ignore[union-attr]
             self.sent += 1
 
     def on_frames_done(self, now: float) -> None:
