@@ -4,7 +4,8 @@
 
 Each mode runs a ping process and an echo process (forked) that pass one
 ``--size``-byte message back and forth ``--count`` times (after 200 untimed);
-the table shows the round trip's median and p90 in microseconds, median over
+the table shows the round trip's median and p90 in microseconds and the CPU
+both processes spent per round trip (all threads), median over
 ``--rounds`` interleaved rounds (the order of modes rotates every round, so
 background load on a shared machine hits them alike). A round trip crosses
 twice, as a cross-shard pair's data RTT does.
@@ -46,8 +47,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: t
 import uvloop
 import zmq
 
+from ops.bench import proctree
+
 WARMUP = 200
 BASELINE: str | None = None  # set in the parent before a mode's processes fork
+ECHO_PID = 0  # likewise: the echo process, whose CPU the ping process reads too
+_cpu_start = 0.0
+
+
+def _cpu_now() -> float:
+    """CPU seconds of both processes, every thread (libzmq's I/O threads too)."""
+    return (proctree.cpu_seconds(os.getpid()) or 0.0) + (proctree.cpu_seconds(ECHO_PID) or 0.0)
+
+
+def _mark(done: int) -> None:
+    global _cpu_start
+    if done == WARMUP:
+        _cpu_start = _cpu_now()
 
 
 def _pin(cpu: int | None, context: zmq.Context | None = None) -> None:
@@ -103,6 +119,7 @@ class _Ping(asyncio.Protocol):
             return
         self.buffer = self.buffer[self.size :]
         self.times.append(time.perf_counter() - self.started)
+        _mark(len(self.times))
         if len(self.times) >= self.count:
             self.done.set_result(self.times)
         else:
@@ -132,11 +149,13 @@ def _unix_ping(sock: socket.socket, size: int, count: int, cpu: int | None) -> l
     return uvloop.run(main())
 
 
-def run_unix(size: int, count: int, pinned: bool) -> list[float]:
+def run_unix(size: int, count: int, pinned: bool) -> tuple[list[float], float]:
+    global ECHO_PID
     one, two = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     cpus = _cpus(pinned)
     child = multiprocessing.Process(target=_unix_echo, args=(two, size, cpus[1]), daemon=True)
     child.start()
+    ECHO_PID = child.pid  # type: ignore[assignment]
     two.close()
     try:
         return _in_child(_unix_ping, (one, size, count, cpus[0]))
@@ -180,6 +199,7 @@ def _zmq_block_ping(directory: str, size: int, count: int, cpu: int | None) -> l
         push.send(payload)
         pull.recv()
         times.append(time.perf_counter() - started)
+        _mark(len(times))
     return times
 
 
@@ -230,6 +250,7 @@ def _zmq_uvloop_ping(directory: str, size: int, count: int, cpu: int | None) -> 
                 except zmq.Again:
                     return
                 times.append(time.perf_counter() - started[0])
+                _mark(len(times))
                 if len(times) >= count:
                     if not done.done():
                         done.set_result(times)
@@ -296,6 +317,7 @@ def _peerbus_ping(directory: str, size: int, count: int, cpu: int | None) -> lis
 
         def deliver(from_shard: int, batch: list) -> None:
             times.append(time.perf_counter() - started[0])
+            _mark(len(times))
             if len(times) >= count:
                 if not done.done():
                     done.set_result(times)
@@ -333,41 +355,46 @@ def _cpus(pinned: bool) -> tuple[int | None, int | None]:
 
 
 def _call_and_send(function, args, out) -> None:  # type: ignore[no-untyped-def]
-    out.send(function(*args))
+    times = function(*args)
+    out.send((times, _cpu_now() - _cpu_start))
     out.close()
 
 
-def _in_child(function, args) -> list[float]:  # type: ignore[no-untyped-def]
+def _in_child(function, args) -> tuple[list[float], float]:  # type: ignore[no-untyped-def]
     """Run the ping side in a fresh process too (its own libzmq context)."""
     receive, send = multiprocessing.Pipe(duplex=False)
     child = multiprocessing.Process(target=_call_and_send, args=(function, args, send))
     child.start()
     send.close()
-    times = receive.recv()
+    result = receive.recv()
     child.join()
-    return times
+    return result
 
 
-def run_mode(mode: str, size: int, count: int, baseline: str | None = None) -> list[float]:
-    global BASELINE
+def run_mode(
+    mode: str, size: int, count: int, baseline: str | None = None
+) -> tuple[list[float], float]:
+    """The timed round trips (seconds) and the CPU seconds both processes spent on them."""
+    global BASELINE, ECHO_PID
     BASELINE = baseline if mode == "peerbus-baseline" else None
     pinned = mode.endswith("-pinned")
     if mode == "unix-uvloop":
-        times = run_unix(size, count + WARMUP, pinned)
-        return times[WARMUP:]
+        times, cpu = run_unix(size, count + WARMUP, pinned)
+        return times[WARMUP:], cpu
     echo, ping = MODES[mode]
     cpus = _cpus(pinned)
     with tempfile.TemporaryDirectory(prefix="bus-latency-") as directory:
         ready = multiprocessing.Event()
         child = multiprocessing.Process(target=echo, args=(directory, cpus[1], ready), daemon=True)
         child.start()
+        ECHO_PID = child.pid  # type: ignore[assignment]
         try:
             ready.wait(10)
-            times = _in_child(ping, (directory, size, count + WARMUP, cpus[0]))
+            times, cpu = _in_child(ping, (directory, size, count + WARMUP, cpus[0]))
         finally:
             child.kill()
             child.join()
-    return times[WARMUP:]
+    return times[WARMUP:], cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,25 +421,27 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.modes.split(",")
     if args.baseline and "peerbus-baseline" not in modes:
         modes.append("peerbus-baseline")
-    results: dict[str, list[tuple[float, float]]] = {mode: [] for mode in modes}
+    results: dict[str, list[tuple[float, float, float]]] = {mode: [] for mode in modes}
     for number in range(args.rounds):
         order = modes[number % len(modes) :] + modes[: number % len(modes)]
         for mode in order:
-            times = sorted(run_mode(mode, args.size, args.count, args.baseline))
+            times, cpu = run_mode(mode, args.size, args.count, args.baseline)
+            times.sort()
             median = times[len(times) // 2] * 1e6
             p90 = times[int(len(times) * 0.9)] * 1e6
-            results[mode].append((median, p90))
+            results[mode].append((median, p90, cpu / len(times) * 1e6))
     for burner in burners:
         burner.kill()
         burner.join()
-    print(f"{'mode':<18} {'RTT p50 us':>10} {'p90 us':>8}   per round (p50)")
+    print(f"{'mode':<18} {'RTT p50 us':>10} {'p90 us':>8} {'CPU us/RTT':>10}   per round (p50)")
     for mode in modes:
-        medians = [m for m, _ in results[mode]]
-        p90s = [p for _, p in results[mode]]
+        medians = [m for m, _, _ in results[mode]]
+        p90s = [p for _, p, _ in results[mode]]
+        cpus = [c for _, _, c in results[mode]]
         rounds = " ".join(f"{m:.0f}" for m in medians)
         print(
             f"{mode:<18} {statistics.median(medians):>10.0f} {statistics.median(p90s):>8.0f}"
-            f"   {rounds}"
+            f" {statistics.median(cpus):>10.1f}   {rounds}"
         )
     return 0
 
