@@ -52,7 +52,8 @@ from ops.bench import proctree
 WARMUP = 200
 BASELINE: str | None = None  # set in the parent before a mode's processes fork
 ECHO_PID = 0  # likewise: the echo process, whose CPU the ping process reads too
-_cpu_start = 0.0
+TOTAL = 0  # likewise: round trips per run, untimed ones included
+_cpu_start = _cpu_end = 0.0
 
 
 def _cpu_now() -> float:
@@ -61,9 +62,13 @@ def _cpu_now() -> float:
 
 
 def _mark(done: int) -> None:
-    global _cpu_start
+    """After each round trip: the CPU clocks start after the untimed ones and
+    stop at the last one (before the run's libzmq threads end with it)."""
+    global _cpu_start, _cpu_end
     if done == WARMUP:
         _cpu_start = _cpu_now()
+    if done == TOTAL:
+        _cpu_end = _cpu_now()
 
 
 def _pin(cpu: int | None, context: zmq.Context | None = None) -> None:
@@ -356,7 +361,7 @@ def _cpus(pinned: bool) -> tuple[int | None, int | None]:
 
 def _call_and_send(function, args, out) -> None:  # type: ignore[no-untyped-def]
     times = function(*args)
-    out.send((times, _cpu_now() - _cpu_start))
+    out.send((times, _cpu_end - _cpu_start))
     out.close()
 
 
@@ -375,7 +380,8 @@ def run_mode(
     mode: str, size: int, count: int, baseline: str | None = None
 ) -> tuple[list[float], float]:
     """The timed round trips (seconds) and the CPU seconds both processes spent on them."""
-    global BASELINE, ECHO_PID
+    global BASELINE, ECHO_PID, TOTAL
+    TOTAL = count + WARMUP
     BASELINE = baseline if mode == "peerbus-baseline" else None
     pinned = mode.endswith("-pinned")
     if mode == "unix-uvloop":
