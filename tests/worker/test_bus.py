@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgpack
 import uvloop
 import zmq
 
 from relaycore.shardlink import MapUpdate
-from worker.bus import PeerBus
+from worker.bus import MAX_BATCH_BYTES, RECEIVE_BATCHES_PER_TURN, PeerBus
 from worker.cluster_member import ClusterMember
 
 WANT = (1, b"a" * 32, 1 << 32 | 1, b"b" * 32, 2 << 32 | 1)
@@ -42,6 +43,108 @@ def test_a_forgotten_shard_gets_no_new_socket_and_what_is_sent_to_it_is_counted(
             assert received == [(1, [WANT])]
         finally:
             one.close()
+            two.close()
+            context.term()
+
+    uvloop.run(asyncio.wait_for(body(), 30))
+
+
+def _data(number: int, size: int) -> tuple:
+    return (
+        4,
+        b"a" * 32,
+        1 << 32 | 1,
+        b"b" * 32,
+        2 << 32 | 1,
+        number.to_bytes(4, "big") * (size // 4),
+    )
+
+
+def test_one_turn_goes_as_one_batch_and_a_turn_past_the_batch_bound_is_split_in_order(
+    tmp_path: Path,
+) -> None:
+    """The per-pair order holds across the batches a large turn is cut into,
+    and no batch carries much more than MAX_BATCH_BYTES."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        context = zmq.Context()
+        batches: list[list] = []
+        done = asyncio.Event()
+        expected = [0]
+
+        def deliver(from_shard: int, batch: list) -> None:
+            assert from_shard == 1
+            batches.append(list(batch))
+            if sum(map(len, batches)) >= expected[0]:
+                done.set()
+
+        one = PeerBus(tmp_path, 1, loop, lambda s, b: None, context)
+        two = PeerBus(tmp_path, 2, loop, deliver, context)
+        try:
+            small = [_data(number, 100) for number in range(3)]
+            expected[0] = 3
+            one.send([(2, message) for message in small[:2]])
+            one.send([(2, small[2])])  # the same turn
+            await asyncio.wait_for(done.wait(), 5)
+            assert batches == [small]
+            assert one.stats["batches_sent"] == 1
+
+            batches.clear()
+            done.clear()
+            large = [_data(number, 1024) for number in range(300)]  # ~320 KiB in one turn
+            expected[0] = len(large)
+            one.send([(2, message) for message in large])
+            await asyncio.wait_for(done.wait(), 5)
+            assert [message for batch in batches for message in batch] == large
+            assert len(batches) >= 5
+            assert all(
+                sum(len(m[-1]) for m in batch) <= MAX_BATCH_BYTES + 1024 for batch in batches
+            )
+            assert one.stats["messages_sent"] == two.stats["messages_received"] == 303
+        finally:
+            one.close()
+            two.close()
+            context.term()
+
+    uvloop.run(asyncio.wait_for(body(), 30))
+
+
+def test_the_reader_is_woken_for_every_batch_with_nothing_else_happening(tmp_path: Path) -> None:
+    """ZeroMQ's descriptor only signals a change: a reader that leaves a
+    batch behind is never woken for it. More batches than one turn reads are
+    waiting at once, then one more comes to an idle reader: all arrive."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        context = zmq.Context()
+        received: list[int] = []
+        arrived = asyncio.Event()
+
+        def deliver(from_shard: int, batch: list) -> None:
+            received.extend(message[0] for message in batch)
+            arrived.set()
+
+        two = PeerBus(tmp_path, 2, loop, deliver, context)
+        raw = context.socket(zmq.PUSH)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(f"ipc://{tmp_path / 'shard-2.sock'}")
+        try:
+            waiting = 2 * RECEIVE_BATCHES_PER_TURN + 10
+            for number in range(waiting):  # no await: all queue before the reader runs
+                raw.send(msgpack.packb([1, [[number]]]))
+            while len(received) < waiting:
+                arrived.clear()
+                await asyncio.wait_for(arrived.wait(), 5)
+            assert received == list(range(waiting))
+            for number in range(waiting, waiting + 3):  # each to an idle reader
+                await asyncio.sleep(0.05)
+                arrived.clear()
+                raw.send(msgpack.packb([1, [[number]]]))
+                await asyncio.wait_for(arrived.wait(), 2)
+            assert received == list(range(waiting + 3))
+        finally:
+            raw.close()
             two.close()
             context.term()
 
