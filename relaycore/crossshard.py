@@ -47,6 +47,9 @@ if TYPE_CHECKING:
     from relaycore.relay import RelayServer
 
 _DATA = int(Link.DATA)
+# Payload bytes one DATA message carries at most (send_data adds a link's
+# frames to its open message up to this; the bus's batches stay ~64 KiB).
+DATA_MESSAGE_BYTES = 16 * 1024
 
 # Seconds a connection waits for another shard to answer its routing request
 # before it reads on anyway (a dead shard is also dropped by the coordinator).
@@ -74,6 +77,9 @@ class CrossShard(ShardMap):
         self._waiting: set[ServerConnection] = set()  # connections waiting for an answer
         self._wanting: dict[bytes, set[ServerConnection]] = {}  # key -> local holders of a slot
         self._bus: list[tuple[ShardId, tuple]] = []
+        # The DATA message send_data may still add payloads to, while it is
+        # the last in _bus: [bus entry, connection, remote, payloads, bytes].
+        self._open_data: list | None = None
         # Keys whose SET arrived since the last take_bus: their REQUESTED
         # holders WANT the newest entry once per batch, not once per SET.
         self._rewant: dict[bytes, None] = {}
@@ -146,11 +152,33 @@ class CrossShard(ShardMap):
         self._end_remote_link(connection, index, old)
 
     def send_data(self, connection: ServerConnection, remote: RemotePeer, payload: bytes) -> None:
-        message = (
-            Link.DATA, connection.public_key, connection.epoch,
-            remote.public_key, remote.epoch, payload,
+        """Routed data for a client on another shard. Frames of one link with
+        nothing else queued after them travel in one DATA message (its last
+        field is the list of payloads, at most DATA_MESSAGE_BYTES of them):
+        one lookup and one link check per message on the receiving shard."""
+        bus = self._bus
+        open_message = self._open_data
+        if (
+            open_message is not None
+            and bus
+            and bus[-1] is open_message[0]
+            and open_message[1] is connection
+            and open_message[2] is remote
+            and open_message[4] + len(payload) <= DATA_MESSAGE_BYTES
+        ):
+            open_message[3].append(payload)
+            open_message[4] += len(payload)
+            return
+        payloads = [payload]
+        entry = (
+            remote.shard,
+            (
+                Link.DATA, connection.public_key, connection.epoch,
+                remote.public_key, remote.epoch, payloads,
+            ),
         )  # fmt: skip
-        self._bus.append((remote.shard, message))
+        bus.append(entry)
+        self._open_data = [entry, connection, remote, payloads, len(payload)]
 
     def send_oob(
         self, connection: ServerConnection, destination: bytes, data: bytes, now: float
@@ -292,19 +320,20 @@ class CrossShard(ShardMap):
         self.relay.settle()
 
     def _on_data(self, from_shard: ShardId, message: tuple, now: float) -> None:
-        """Routed data over a link (R-DATA-4): only the link's own two epochs."""
-        _, from_pk, from_epoch, to_pk, to_epoch, payload = message
+        """Routed data over a link (R-DATA-4): only the link's own two epochs.
+        The message's last field holds the payloads, in order."""
+        _, from_pk, from_epoch, to_pk, to_epoch, payloads = message
         connection = self.relay.by_key.get(to_pk)
         if connection is None or connection.epoch != to_epoch:
-            self.stats["dropped.stale_epoch"] += 1
+            self.stats["dropped.stale_epoch"] += len(payloads)
             return
         index = connection.slot_of_key.get(from_pk)
         slot = connection.slots[index] if index is not None else None
         remote = slot.remote if slot is not None else None
         if remote is None or remote.epoch != from_epoch or remote.shard != from_shard:
-            self.stats["dropped.stale_link"] += 1
+            self.stats["dropped.stale_link"] += len(payloads)
             return
-        self.relay.deliver_routed(connection, index + NUM_RESERVED_PORTS, payload)  # type: ignore[operator]
+        self.relay.deliver_routed(connection, index + NUM_RESERVED_PORTS, payloads)  # type: ignore[operator]
 
     def _on_want_or_linked(self, from_shard: ShardId, message: tuple, now: float) -> None:
         kind, from_pk, from_epoch, to_pk, to_epoch = message

@@ -627,24 +627,38 @@ class RelayServer:
         """An OOB from a client on another shard."""
         self._send_nonpriority(connection, plain)
 
-    def deliver_routed(self, connection: ServerConnection, connection_id: int, data: bytes) -> None:
+    def deliver_routed(
+        self, connection: ServerConnection, connection_id: int, payloads: list[bytes]
+    ) -> None:
         """Routed data from a client on another shard, for the slot
         ``connection_id`` of ``connection`` (R-DATA-4): ``_send_nonpriority``
-        of ``connection_id · data`` in one step, for the cross-shard bulk."""
-        if connection.outbox_size + connection.transport_backlog > self.options.output_soft_limit:
-            self.stats["dropped.backpressure"] += 1  # R-OUT-2: no nonce used
-            return
+        of ``connection_id · payload`` for each payload, in order, counted once."""
         if connection.state is not CONFIRMED:
             return
-        frame = connection.channel.encrypt(_ID_BYTES[connection_id] + data)  # type: ignore[union-attr]
-        if not connection.outbox:
+        soft_limit = self.options.output_soft_limit
+        channel = connection.channel
+        id_byte = _ID_BYTES[connection_id]
+        outbox = connection.outbox
+        was_empty = not outbox
+        relayed = relayed_bytes = dropped = 0
+        for payload in payloads:
+            if connection.outbox_size + connection.transport_backlog > soft_limit:
+                dropped += 1  # R-OUT-2: no nonce used
+                continue
+            frame = channel.encrypt(id_byte + payload)  # type: ignore[union-attr]
+            outbox.append(frame)
+            connection.outbox_size += len(frame)
+            relayed += 1
+            relayed_bytes += 1 + len(payload)
+        if was_empty and outbox:
             self._dirty.append(connection)
-        connection.outbox.append(frame)
-        connection.outbox_size += len(frame)
         stats = self.stats
-        stats["frames_out"] += 1
-        stats["relayed"] += 1
-        stats["relayed_bytes"] += 1 + len(data)
+        if relayed:
+            stats["frames_out"] += relayed
+            stats["relayed"] += relayed
+            stats["relayed_bytes"] += relayed_bytes
+        if dropped:
+            stats["dropped.backpressure"] += dropped
 
     def resume(self, connection: ServerConnection, now: float) -> None:
         """Its routing request was answered: read the frames that waited."""

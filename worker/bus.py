@@ -41,12 +41,22 @@ RECEIVE_HIGH_WATER_MARK = 1024
 RECEIVE_BATCHES_PER_TURN = 256
 
 
+def _payload_size(last: object) -> int:
+    """Bytes a message's last field carries: bytes, or the payloads of a
+    DATA message (relaycore.crossshard.send_data)."""
+    if isinstance(last, bytes):
+        return len(last)
+    if isinstance(last, list | tuple):
+        return sum(len(part) for part in last if isinstance(part, bytes))
+    return 0
+
+
 def _split(messages: list) -> list[list]:
     """Cut one turn's messages into batches of about MAX_BATCH_BYTES payload."""
     batches, batch, size = [], [], 0
     for message in messages:
         batch.append(message)
-        size += 64 + len(message[-1]) if isinstance(message[-1], bytes) else 64
+        size += 64 + _payload_size(message[-1])
         if size >= MAX_BATCH_BYTES:
             batches.append(batch)
             batch, size = [], 0

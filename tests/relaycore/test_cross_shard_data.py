@@ -1,13 +1,15 @@
 """Routed data between clients on two shards (R-DATA-4 over the peer bus):
-the sender's read loop hands it to the bus, the receiver's
-``CrossShard.receive_link`` re-seals it for its client with
+the sender's read loop hands it to the bus, where the frames of one link
+with nothing queued after them share one DATA message; the receiver's
+``CrossShard.receive_link`` re-seals each for its client with
 ``RelayServer.deliver_routed``, under the same rules as same-shard data:
 R-OUT-2 (dropped, no nonce used, while the receiver is backed up) and only
 the link's own two epochs (invariant 3)."""
 
 from __future__ import annotations
 
-from relaycore.packets import Ping, RoutedData, RoutingRequest
+from relaycore.crossshard import DATA_MESSAGE_BYTES
+from relaycore.packets import OobSend, Packet, Ping, RoutedData, RoutingRequest
 from relaycore.shardlink import Link
 from tests.cluster_model.simulation import PUBLIC_KEYS, ClientRecord, SimulatedCluster
 
@@ -76,11 +78,88 @@ def test_data_naming_another_epoch_is_dropped_as_stale() -> None:
     shard = cluster.clients[alice].server.shard
     message = (
         Link.DATA, PUBLIC_KEYS["alice"], sender.epoch + 1,
-        PUBLIC_KEYS["bob"], receiver.epoch, b"alice#old",
+        PUBLIC_KEYS["bob"], receiver.epoch, [b"alice#old"],
     )  # fmt: skip
     receiving.cluster.receive_link(shard, message, cluster.now)
     assert receiving.stats["dropped.stale_link"] == 1
     message = (*message[:4], receiver.epoch + 1, *message[5:])
     receiving.cluster.receive_link(shard, message, cluster.now)
     assert receiving.stats["dropped.stale_epoch"] == 1
+    assert receiver.outbox == []
+
+
+def _one_read(cluster: SimulatedCluster, index: int, *packets: Packet) -> None:
+    """Every packet framed first, then all of them read in one receive."""
+    record = cluster.clients[index]
+    for packet in packets:
+        record.client.send(packet)
+        record.sent(packet)
+    cluster._pump(record.server)
+
+
+def _bus_messages(cluster: SimulatedCluster) -> list[tuple]:
+    return [message for queue in cluster.bus.values() for message in queue]
+
+
+def test_a_reads_frames_for_one_link_travel_in_one_message() -> None:
+    cluster, alice, bob, alice_id, bob_id = _linked_across()
+    payloads = [b"alice#%d" % n for n in range(5)]
+    _one_read(cluster, alice, *(RoutedData(alice_id, payload) for payload in payloads))
+    (message,) = _bus_messages(cluster)
+    assert message[0] == Link.DATA and list(message[-1]) == payloads
+    cluster.quiesce()
+    assert _received(cluster, bob) == [(bob_id, payload) for payload in payloads]
+    assert cluster.clients[bob].server.stats["relayed"] == 5
+
+
+def test_a_message_between_frames_closes_the_open_data_message() -> None:
+    """Order per shard pair: data, then an OOB to the same shard, then data
+    are three messages in that order, never the data merged past the OOB."""
+    cluster, alice, bob, alice_id, _ = _linked_across()
+    cluster.connect("carol", 1)
+    cluster.quiesce()
+    _one_read(
+        cluster,
+        alice,
+        RoutedData(alice_id, b"alice#1"),
+        RoutedData(alice_id, b"alice#2"),
+        OobSend(PUBLIC_KEYS["carol"], b"oob"),
+        RoutedData(alice_id, b"alice#3"),
+    )
+    kinds = [(message[0], message[-1]) for message in _bus_messages(cluster)]
+    assert kinds == [
+        (Link.DATA, [b"alice#1", b"alice#2"]),
+        (Link.OOB, b"oob"),
+        (Link.DATA, [b"alice#3"]),
+    ]
+    cluster.quiesce()
+    assert [payload for _, payload in _received(cluster, bob)] == [
+        b"alice#1", b"alice#2", b"alice#3",
+    ]  # fmt: skip
+
+
+def test_one_data_message_carries_at_most_data_message_bytes() -> None:
+    cluster, alice, bob, alice_id, _ = _linked_across()
+    payload = bytes(1000)
+    count = DATA_MESSAGE_BYTES // 1000 * 2 + 3
+    _one_read(cluster, alice, *(RoutedData(alice_id, payload) for _ in range(count)))
+    messages = _bus_messages(cluster)
+    assert len(messages) == 3
+    assert all(sum(map(len, message[-1])) <= DATA_MESSAGE_BYTES for message in messages)
+    assert sum(len(message[-1]) for message in messages) == count
+    cluster.quiesce()
+    assert len(_received(cluster, bob)) == count
+
+
+def test_stale_data_is_counted_per_frame() -> None:
+    cluster, alice, bob, _, _ = _linked_across()
+    sender = cluster.clients[alice].connection
+    receiving = cluster.clients[bob].server
+    receiver = cluster.clients[bob].connection
+    message = (
+        Link.DATA, PUBLIC_KEYS["alice"], sender.epoch + 1,
+        PUBLIC_KEYS["bob"], receiver.epoch, (b"alice#a", b"alice#b", b"alice#c"),
+    )  # fmt: skip
+    receiving.cluster.receive_link(cluster.clients[alice].server.shard, message, cluster.now)
+    assert receiving.stats["dropped.stale_link"] == 3
     assert receiver.outbox == []

@@ -12,7 +12,7 @@ import uvloop
 import zmq
 
 from relaycore.shardlink import MapUpdate
-from worker.bus import MAX_BATCH_BYTES, RECEIVE_BATCHES_PER_TURN, PeerBus
+from worker.bus import MAX_BATCH_BYTES, RECEIVE_BATCHES_PER_TURN, PeerBus, _payload_size
 from worker.cluster_member import ClusterMember
 
 WANT = (1, b"a" * 32, 1 << 32 | 1, b"b" * 32, 2 << 32 | 1)
@@ -49,15 +49,11 @@ def test_a_forgotten_shard_gets_no_new_socket_and_what_is_sent_to_it_is_counted(
     uvloop.run(asyncio.wait_for(body(), 30))
 
 
-def _data(number: int, size: int) -> tuple:
-    return (
-        4,
-        b"a" * 32,
-        1 << 32 | 1,
-        b"b" * 32,
-        2 << 32 | 1,
-        number.to_bytes(4, "big") * (size // 4),
-    )
+def _data(number: int, size: int, parts: int = 1) -> tuple:
+    """A DATA message (relaycore.crossshard) of ``parts`` payloads, ``size``
+    bytes in all, as the receiving bus decodes it (tuples)."""
+    payload = number.to_bytes(4, "big") * (size // parts // 4)
+    return (4, b"a" * 32, 1 << 32 | 1, b"b" * 32, 2 << 32 | 1, (payload,) * parts)
 
 
 def test_one_turn_goes_as_one_batch_and_a_turn_past_the_batch_bound_is_split_in_order(
@@ -92,14 +88,15 @@ def test_one_turn_goes_as_one_batch_and_a_turn_past_the_batch_bound_is_split_in_
 
             batches.clear()
             done.clear()
-            large = [_data(number, 1024) for number in range(300)]  # ~320 KiB in one turn
+            large = [_data(number, 1024, parts=4) for number in range(300)]  # ~320 KiB
             expected[0] = len(large)
             one.send([(2, message) for message in large])
             await asyncio.wait_for(done.wait(), 5)
             assert [message for batch in batches for message in batch] == large
             assert len(batches) >= 5
             assert all(
-                sum(len(m[-1]) for m in batch) <= MAX_BATCH_BYTES + 1024 for batch in batches
+                sum(_payload_size(m[-1]) for m in batch) <= MAX_BATCH_BYTES + 1024
+                for batch in batches
             )
             assert one.stats["messages_sent"] == two.stats["messages_received"] == 303
         finally:
