@@ -12,8 +12,8 @@ re-requests links, and never makes one itself.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from relaycore.connection import ServerConnection
@@ -42,6 +42,16 @@ UNLINK_GRACE = 1.0
 # before is refused through _dropped_shards. At most MAX_DEAD_EPOCHS of them.
 DEAD_EPOCH_MEMORY = 10.0
 MAX_DEAD_EPOCHS = 65536
+# ``forget_dead`` forgets each dead epoch at its deadline, in order, from a
+# queue; the deadline kept in ``_dead`` itself is this much later, a backstop
+# for ``CrossShard.tick``, which finds the oldest entries of the dict by
+# iterating it: CPython keeps a hole per deleted entry until the dict is
+# rebuilt, so each such lookup costs the deletions before it, and a tick that
+# forgot a second of a busy cluster's DELs that way spent milliseconds (22% of
+# a peer worker's CPU under `cluster loadtest handshake`). The replica calls
+# ``forget_dead`` with every batch of updates and every coordinator heartbeat
+# (0.5 s), so the tick's loop only meets unexpired entries.
+DEAD_EPOCH_BACKSTOP = 2.0
 # Snapshot requests remembered until their answer (one is usually outstanding).
 MAX_SNAPSHOT_REQUESTS = 16
 
@@ -67,7 +77,11 @@ class ShardMap:
         self.peer_shards: set[ShardId] = set()  # the other live shards (coordinator's view)
         self._doomed: dict[RemotePeer, float] = {}
         self._dropped_shards: set[ShardId] = set()  # DROP_SHARD seen, no SET since
-        self._dead: dict[RemotePeer, float] = {}  # replaced / ended -> forget at (in order)
+        self._dead: dict[RemotePeer, float] = {}  # replaced / ended -> backstop deadline
+        # (deadline, remote) in the order noted; an entry whose remote was
+        # noted again or revived (SET) since is stale and skipped.
+        self._dead_order: deque[tuple[float, RemotePeer]] = deque()
+        self._dead_slots = 0  # entries put in _dead since it was last rebuilt
         self._mapped: set[Epoch] = set()  # our connections whose SET we have seen
         # Our epochs only grow and each REGISTER is queued as its epoch is
         # given: every epoch up to this one has had its REGISTER taken.
@@ -124,17 +138,46 @@ class ShardMap:
 
     def set_peer_shards(self, shards: list[ShardId], now: float) -> None:
         """The live shards of the cluster, as the coordinator last listed them
-        (``now`` as for every input; nothing here depends on it yet)."""
+        in its heartbeat (every 0.5 s: also when dead epochs are forgotten
+        while no updates come)."""
         self.peer_shards = {shard for shard in shards if shard != self.shard}
+        self.forget_dead(now)
 
-    def apply_map_update(self, update: tuple, now: float) -> None:
+    def apply_map_update(self, update: Sequence, now: float) -> None:
         """One sequenced update of the routing map from the coordinator."""
-        handler = self._map_handlers.get(update[0])
-        if handler is not None:
-            handler(update, now)
-        self.relay.settle()
+        self.apply_map_updates((update,), now)
 
-    def _on_set(self, update: tuple, now: float) -> None:
+    def apply_map_updates(self, updates: Sequence[Sequence], now: float) -> None:
+        """Consecutive sequenced updates of the routing map, in order, as one
+        call (the replica passes a publication's batch): the per-call work --
+        dispatch, ``settle``, forgetting dead epochs -- is paid once per batch.
+
+        A plain SET or DEL (no R-CONF-3 kill) only changes the replica and
+        the link bookkeeping (dooms, re-WANTs, dead epochs): it writes nothing
+        to a connection and kills none, so nothing can pass output_hard_limit
+        in it and ``settle`` after it would do nothing. An update that can
+        (a SET that replaces one of ours, DROP_SHARD) is settled at once, as
+        every entry point is, before the next update of the batch."""
+        self.forget_dead(now)
+        on_set, on_del, handlers = self._on_set, self._on_del, self._map_handlers
+        settle = self.relay.settle
+        set_, del_ = MapUpdate.SET, MapUpdate.DEL
+        for update in updates:
+            kind = update[0]
+            if kind == del_:
+                on_del(update, now)
+            elif kind == set_:
+                on_set(update, now)
+                if update[5] is not None:  # a replacement: may have killed one of ours
+                    settle()
+            else:
+                handler = handlers.get(kind)
+                if handler is not None:
+                    handler(update, now)
+                settle()
+        settle()
+
+    def _on_set(self, update: Sequence, now: float) -> None:
         """A key's connection registered (replacing another: R-CONF-3)."""
         _, public_key, shard, epoch, replaced_shard, replaced_epoch = update
         if replaced_epoch is not None:
@@ -146,13 +189,17 @@ class ShardMap:
                 replaced = RemotePeer(replaced_shard, public_key, replaced_epoch)
                 self._note_dead(replaced, now)
                 self._doom(replaced, now)
-        self._dropped_shards.discard(shard)  # (dropped while alive, registers again)
-        self._dead.pop(RemotePeer(shard, public_key, epoch), None)  # (the same: alive)
         if shard == self.shard:
+            # (Our own shard is never in _dropped_shards, our epochs never in _dead.)
             self.directory.pop(public_key, None)
             self._mapped.add(epoch)
             return
-        self.directory[public_key] = RemotePeer(shard, public_key, epoch)
+        if self._dropped_shards:
+            self._dropped_shards.discard(shard)  # (dropped while alive, registers again)
+        remote = RemotePeer(shard, public_key, epoch)
+        if self._dead:
+            self._dead.pop(remote, None)  # (the same: alive; its queue entry is stale)
+        self.directory[public_key] = remote
         if public_key in self._wanting:
             self._rewant[public_key] = None  # WANTed at take_bus (_send_rewants)
 
@@ -295,10 +342,43 @@ class ShardMap:
         """The map says ``remote`` was replaced or has ended: refuse its link
         messages for DEAD_EPOCH_MEMORY seconds (see there)."""
         dead = self._dead
+        until = now + DEAD_EPOCH_MEMORY + DEAD_EPOCH_BACKSTOP
         dead.pop(remote, None)
-        dead[remote] = now + DEAD_EPOCH_MEMORY
+        dead[remote] = until
+        self._dead_slots += 1
+        order = self._dead_order
+        order.append((until, remote))
         if len(dead) > MAX_DEAD_EPOCHS:
-            del dead[next(iter(dead))]
+            self._forget_oldest_dead()
+        elif len(order) > 2 * MAX_DEAD_EPOCHS:
+            self._rebuild_dead()  # many stale entries (remotes noted again)
+
+    def forget_dead(self, now: float) -> None:
+        """Forget the dead epochs whose DEAD_EPOCH_MEMORY has passed: O(1)
+        per entry, and the dict is rebuilt once half of it is holes."""
+        dead, order = self._dead, self._dead_order
+        due = now + DEAD_EPOCH_BACKSTOP
+        while order and order[0][0] <= due:
+            until, remote = order.popleft()
+            if dead.get(remote) == until:  # (else noted again, or alive)
+                del dead[remote]
+        if self._dead_slots > 2 * len(dead) + 64:
+            self._rebuild_dead()
+
+    def _forget_oldest_dead(self) -> None:
+        dead, order = self._dead, self._dead_order
+        while order:
+            until, remote = order.popleft()
+            if dead.get(remote) == until:
+                del dead[remote]
+                return
+
+    def _rebuild_dead(self) -> None:
+        """A new dict without the holes of deleted entries (in the same
+        order: the order noted), and the queue without stale entries."""
+        self._dead = dict(self._dead)
+        self._dead_slots = len(self._dead)
+        self._dead_order = deque((until, remote) for remote, until in self._dead.items())
 
     def _doom(self, remote: RemotePeer, now: float) -> None:
         """The map says ``remote`` is gone. Its own shard sends UNLINK over the

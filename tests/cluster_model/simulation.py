@@ -661,6 +661,9 @@ class _ReplicaSide:
     def apply_map_update(self, update: tuple, now: float) -> None:
         self.server.cluster.apply_map_update(update, now)  # (own DROP_SHARD: new epochs, REGISTERs)
 
+    def apply_map_updates(self, updates: list, now: float) -> None:
+        self.server.cluster.apply_map_updates(updates, now)
+
     def reset_directory(self, entries: list, merge: bool, request: int | None, now: float) -> None:
         self.server.cluster.reset_directory(entries, now, merge=merge, request=request)
 
