@@ -179,7 +179,12 @@ class CoordinatorClient:
             (self.dealer, self._on_reply),
         ):
             for _ in range(1000):
+                # Asked, not tried: a recv that finds nothing raises zmq.Again,
+                # ~2.8 us to build, against ~1.1 us for EVENTS (both sockets,
+                # every wake-up: a publication is one).
                 try:
+                    if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                        break
                     payload = sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break

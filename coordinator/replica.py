@@ -188,13 +188,12 @@ class Replica:
         and a snapshot replaces whatever part was."""
         first = self.last_sequence + 1
         try:
-            sequences = [sequence for sequence, _ in updates]
-            batch = [update for _, update in updates]
+            sequences, batch = zip(*updates, strict=True)
         except (TypeError, ValueError):
+            return False  # (not pairs, or no updates)
+        if sequences != tuple(range(first, first + len(sequences))):
             return False
-        if sequences != list(range(first, first + len(sequences))) or not batch:
-            return False
-        self.handler.apply_map_updates(batch, now)
+        self.handler.apply_map_updates(list(batch), now)
         self.last_sequence = sequences[-1]
         return True
 

@@ -244,9 +244,14 @@ class CoordinatorService:
                     break
                 raise
             if self.router in ready:
+                router = self.router
                 for _ in range(1000):  # bounded batch, then heartbeats get a turn
+                    # Asked, not tried: a recv that finds nothing raises
+                    # zmq.Again, ~2.8 us to build against ~1.1 us for EVENTS.
+                    if not router.get(zmq.EVENTS) & zmq.POLLIN:
+                        break
                     try:
-                        identity, payload = self.router.recv_multipart(zmq.NOBLOCK)
+                        identity, payload = router.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
                     try:
