@@ -84,6 +84,21 @@ def _remote_peer_maker() -> Callable[[ShardId, bytes, Epoch], RemotePeer]:
 _remote_peer = _remote_peer_maker()
 
 
+class DeadEpochs(dict[Epoch, float]):
+    """The remote connections the map says were replaced or ended: epoch ->
+    the backstop deadline (see DEAD_EPOCH_BACKSTOP). Keyed by the epoch
+    alone, which names one connection in the whole cluster (its shard is its
+    high bits, and a connection never changes its key): an int hashes in C
+    where a RemotePeer's dataclass ``__hash__`` is Python, and the DEL of a
+    key that nobody here wants needs no RemotePeer at all. ``remote in dead``
+    asks by the RemotePeer's epoch (``CrossShard._on_want_or_linked``)."""
+
+    __slots__ = ()
+
+    def __contains__(self, remote: object) -> bool:
+        return dict.__contains__(self, getattr(remote, "epoch", remote))
+
+
 class ShardMap:
     """The map side of a shard's cross-shard part (see the module docstring)."""
 
@@ -105,10 +120,10 @@ class ShardMap:
         self.peer_shards: set[ShardId] = set()  # the other live shards (coordinator's view)
         self._doomed: dict[RemotePeer, float] = {}
         self._dropped_shards: set[ShardId] = set()  # DROP_SHARD seen, no SET since
-        self._dead: dict[RemotePeer, float] = {}  # replaced / ended -> backstop deadline
-        # (deadline, remote) in the order noted; an entry whose remote was
+        self._dead = DeadEpochs()  # replaced / ended -> backstop deadline
+        # (deadline, epoch) in the order noted; an entry whose epoch was
         # noted again or revived (SET) since is stale and skipped.
-        self._dead_order: deque[tuple[float, RemotePeer]] = deque()
+        self._dead_order: deque[tuple[float, Epoch]] = deque()
         self._dead_slots = 0  # entries put in _dead since it was last rebuilt
         self._mapped: set[Epoch] = set()  # our connections whose SET we have seen
         # Our epochs only grow and each REGISTER is queued as its epoch is
@@ -214,9 +229,9 @@ class ShardMap:
                 if old is not None and old.epoch == replaced_epoch:
                     self.relay.kill(old, "R-CONF-3")
             else:
-                replaced = _remote_peer(replaced_shard, public_key, replaced_epoch)
-                self._note_dead(replaced, now)
-                self._doom(replaced, now)
+                self._note_dead(replaced_epoch, now)
+                if public_key in self._wanting:  # (a link to it needs a slot for its key)
+                    self._doom(_remote_peer(replaced_shard, public_key, replaced_epoch), now)
         if shard == self.shard:
             # (Our own shard is never in _dropped_shards, our epochs never in _dead.)
             self.directory.pop(public_key, None)
@@ -224,23 +239,28 @@ class ShardMap:
             return
         if self._dropped_shards:
             self._dropped_shards.discard(shard)  # (dropped while alive, registers again)
-        remote = _remote_peer(shard, public_key, epoch)
         if self._dead:
-            self._dead.pop(remote, None)  # (the same: alive; its queue entry is stale)
-        self.directory[public_key] = remote
+            self._dead.pop(epoch, None)  # (the same: alive; its queue entry is stale)
+        self.directory[public_key] = _remote_peer(shard, public_key, epoch)
         if public_key in self._wanting:
             self._rewant[public_key] = None  # WANTed at take_bus (_send_rewants)
 
-    def _on_del(self, update: tuple, now: float) -> None:
-        """A key's connection ended."""
+    def _on_del(self, update: Sequence, now: float) -> None:
+        """A key's connection ended. Its epoch is remembered as dead for any
+        key (a client here may ask for the key after this, and a WANT its
+        connection sent before it ended may come after that); links to it
+        can only be held by our clients with a slot for its key (``_wanting``),
+        so for any other key (most of them) that is all."""
         _, public_key, shard, epoch = update
         current = self.directory.get(public_key)
         if current is not None and current.epoch == epoch:
             del self.directory[public_key]
         if shard != self.shard:
-            ended = _remote_peer(shard, public_key, epoch)
-            self._note_dead(ended, now)
-            self._doom(ended, now)
+            self._note_dead(epoch, now)
+            if public_key in self._wanting:
+                if current is None or current.epoch != epoch:
+                    current = _remote_peer(shard, public_key, epoch)
+                self._doom(current, now)
 
     def _on_drop_shard(self, update: tuple, now: float) -> None:
         """Every key of a shard that died or fell silent is gone."""
@@ -254,7 +274,7 @@ class ShardMap:
             if remote.shard == shard:
                 del self.directory[public_key]
                 # (if that shard lives, it gives its clients new epochs)
-                self._note_dead(remote, now)
+                self._note_dead(remote.epoch, now)
         for remote in [r for r in self._remote_links if r.shard == shard]:
             # Said on the bus too (lost if that worker is dead): one dropped
             # while alive may have linked on a LINKED we sent before this.
@@ -366,19 +386,20 @@ class ShardMap:
                 )
         self.relay.settle()
 
-    def _note_dead(self, remote: RemotePeer, now: float) -> None:
-        """The map says ``remote`` was replaced or has ended: refuse its link
-        messages for DEAD_EPOCH_MEMORY seconds (see there)."""
+    def _note_dead(self, epoch: Epoch, now: float) -> None:
+        """The map says the remote connection ``epoch`` was replaced or has
+        ended: refuse its link messages for DEAD_EPOCH_MEMORY seconds (see
+        there)."""
         dead = self._dead
         until = now + DEAD_EPOCH_MEMORY + DEAD_EPOCH_BACKSTOP
-        dead[remote] = until  # (noted again: its earlier queue entry is stale)
+        dead[epoch] = until  # (noted again: its earlier queue entry is stale)
         self._dead_slots += 1
         order = self._dead_order
-        order.append((until, remote))
+        order.append((until, epoch))
         if len(dead) > MAX_DEAD_EPOCHS:
             self._forget_oldest_dead()
         elif len(order) > 2 * MAX_DEAD_EPOCHS:
-            self._rebuild_dead()  # many stale entries (remotes noted again)
+            self._rebuild_dead()  # many stale entries (epochs noted again)
 
     def forget_dead(self, now: float) -> None:
         """Forget the dead epochs whose DEAD_EPOCH_MEMORY has passed: O(1)
@@ -386,27 +407,27 @@ class ShardMap:
         dead, order = self._dead, self._dead_order
         due = now + DEAD_EPOCH_BACKSTOP
         while order and order[0][0] <= due:
-            until, remote = order.popleft()
-            if dead.get(remote) == until:  # (else noted again, or alive)
-                del dead[remote]
+            until, epoch = order.popleft()
+            if dead.get(epoch) == until:  # (else noted again, or alive)
+                del dead[epoch]
         if self._dead_slots > 2 * len(dead) + 64:
             self._rebuild_dead()
 
     def _forget_oldest_dead(self) -> None:
         dead, order = self._dead, self._dead_order
         while order:
-            until, remote = order.popleft()
-            if dead.get(remote) == until:
-                del dead[remote]
+            until, epoch = order.popleft()
+            if dead.get(epoch) == until:
+                del dead[epoch]
                 return
 
     def _rebuild_dead(self) -> None:
         """A new dict without the holes of deleted entries, oldest first, and
-        the queue without stale entries (a remote noted again keeps its
-        place in the dict, with the later deadline)."""
-        self._dead = dict(sorted(self._dead.items(), key=itemgetter(1)))
+        the queue without stale entries (an epoch noted again keeps its place
+        in the dict, with the later deadline)."""
+        self._dead = DeadEpochs(sorted(self._dead.items(), key=itemgetter(1)))
         self._dead_slots = len(self._dead)
-        self._dead_order = deque((until, remote) for remote, until in self._dead.items())
+        self._dead_order = deque((until, epoch) for epoch, until in self._dead.items())
 
     def _doom(self, remote: RemotePeer, now: float) -> None:
         """The map says ``remote`` is gone. Its own shard sends UNLINK over the

@@ -10,9 +10,19 @@ import pytest
 
 import relaycore.shardmap as shardmap
 from relaycore.crossshard import CrossShard
+from relaycore.packets import (
+    ConnectNotification,
+    DisconnectNotification,
+    RoutingRequest,
+    RoutingResponse,
+)
 from relaycore.relay import RelayServer
-from relaycore.shardlink import MapUpdate, RemotePeer
-from relaycore.shardmap import DEAD_EPOCH_MEMORY
+from relaycore.shardlink import Link, MapUpdate, RemotePeer
+from relaycore.shardmap import DEAD_EPOCH_MEMORY, UNLINK_GRACE
+from tests.relaycore.harness import Network, Peer
+
+REMOTE = bytes([9]) * 32
+REMOTE_EPOCH = 2 << 32 | 5
 
 
 def _links() -> CrossShard:
@@ -132,3 +142,38 @@ def test_forgetting_dead_epochs_costs_linear_time() -> None:
     small = min(_forget_ms(8_000) for _ in range(3))
     large = min(_forget_ms(32_000) for _ in range(3))
     assert large < 8 * small + 5, f"{small:.1f} ms -> {large:.1f} ms"
+
+
+def _linked_across(net: Network) -> tuple[Peer, int]:
+    """Client "a" here, linked to REMOTE's connection on shard 2; its slot id."""
+    links = net.server.cluster
+    a = net.connect("a")
+    links.apply_map_updates([[MapUpdate.SET, REMOTE, 2, REMOTE_EPOCH, None, None]], net.now)
+    net.send("a", RoutingRequest(REMOTE))
+    (response,) = a.take()
+    assert isinstance(response, RoutingResponse)
+    assert a.connection is not None
+    links.receive_link(
+        2, (Link.LINKED, REMOTE, REMOTE_EPOCH, a.public_key, a.connection.epoch), net.now
+    )
+    net.pump()
+    assert a.take() == [ConnectNotification(response.connection_id)]
+    return a, response.connection_id
+
+
+@pytest.mark.parametrize("update", ["del", "replaced"])
+def test_a_link_to_a_connection_the_map_ended_ends_after_the_grace(update: str) -> None:
+    """The map update overtook the UNLINK of the remote's own shard (or that
+    was lost): the link is doomed, and ends UNLINK_GRACE later (R-KILL-1)."""
+    net = Network(shard=1)
+    a, connection_id = _linked_across(net)
+    if update == "del":
+        message = [MapUpdate.DEL, REMOTE, 2, REMOTE_EPOCH]
+    else:  # R-CONF-3: the key connected again on shard 3
+        message = [MapUpdate.SET, REMOTE, 3, 3 << 32 | 1, 2, REMOTE_EPOCH]
+    net.server.cluster.apply_map_updates([message], net.now)
+    net.tick(net.now + UNLINK_GRACE / 2)
+    assert a.take() == []
+    net.tick(net.now + UNLINK_GRACE)
+    assert a.take() == [DisconnectNotification(connection_id)]
+    assert net.server.stats["unlinked_by_map"] == 1
