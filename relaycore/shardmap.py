@@ -12,8 +12,9 @@ re-requests links, and never makes one itself.
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING
 
 from relaycore.connection import ServerConnection
@@ -42,8 +43,60 @@ UNLINK_GRACE = 1.0
 # before is refused through _dropped_shards. At most MAX_DEAD_EPOCHS of them.
 DEAD_EPOCH_MEMORY = 10.0
 MAX_DEAD_EPOCHS = 65536
+# ``forget_dead`` forgets each dead epoch at its deadline, in order, from a
+# queue; the deadline kept in ``_dead`` itself is this much later, a backstop
+# for ``CrossShard.tick``, which finds the oldest entries of the dict by
+# iterating it: CPython keeps a hole per deleted entry until the dict is
+# rebuilt, so each such lookup costs the deletions before it, and a tick that
+# forgot a second of a busy cluster's DELs that way spent milliseconds (22% of
+# a peer worker's CPU under `cluster loadtest handshake`). The replica calls
+# ``forget_dead`` with every batch of updates and every coordinator heartbeat
+# (0.5 s), so the tick's loop only meets unexpired entries.
+DEAD_EPOCH_BACKSTOP = 2.0
 # Snapshot requests remembered until their answer (one is usually outstanding).
 MAX_SNAPSHOT_REQUESTS = 16
+
+
+def _remote_peer_maker() -> Callable[[ShardId, bytes, Epoch], RemotePeer]:
+    """``RemotePeer(shard, public_key, epoch)`` for the map updates, which make
+    one per SET and per DEL of every connection of the cluster: a frozen
+    dataclass's ``__init__`` sets each field through ``object.__setattr__``
+    (0.6 us, the largest part of applying an update); this fills its slots
+    directly (0.35 us). The same object; the plain constructor where
+    ``RemotePeer`` has no slots to fill."""
+    try:
+        fields = (RemotePeer.shard.__set__, RemotePeer.public_key.__set__, RemotePeer.epoch.__set__)  # type: ignore[attr-defined]
+    except AttributeError:
+        return RemotePeer
+    set_shard, set_public_key, set_epoch = fields
+    new = object.__new__
+
+    def remote_peer(shard: ShardId, public_key: bytes, epoch: Epoch) -> RemotePeer:
+        remote = new(RemotePeer)
+        set_shard(remote, shard)
+        set_public_key(remote, public_key)
+        set_epoch(remote, epoch)
+        return remote
+
+    return remote_peer
+
+
+_remote_peer = _remote_peer_maker()
+
+
+class DeadEpochs(dict[Epoch, float]):
+    """The remote connections the map says were replaced or ended: epoch ->
+    the backstop deadline (see DEAD_EPOCH_BACKSTOP). Keyed by the epoch
+    alone, which names one connection in the whole cluster (its shard is its
+    high bits, and a connection never changes its key): an int hashes in C
+    where a RemotePeer's dataclass ``__hash__`` is Python, and the DEL of a
+    key that nobody here wants needs no RemotePeer at all. ``remote in dead``
+    asks by the RemotePeer's epoch (``CrossShard._on_want_or_linked``)."""
+
+    __slots__ = ()
+
+    def __contains__(self, remote: object) -> bool:
+        return dict.__contains__(self, getattr(remote, "epoch", remote))
 
 
 class ShardMap:
@@ -67,7 +120,11 @@ class ShardMap:
         self.peer_shards: set[ShardId] = set()  # the other live shards (coordinator's view)
         self._doomed: dict[RemotePeer, float] = {}
         self._dropped_shards: set[ShardId] = set()  # DROP_SHARD seen, no SET since
-        self._dead: dict[RemotePeer, float] = {}  # replaced / ended -> forget at (in order)
+        self._dead = DeadEpochs()  # replaced / ended -> backstop deadline
+        # (deadline, epoch) in the order noted; an entry whose epoch was
+        # noted again or revived (SET) since is stale and skipped.
+        self._dead_order: deque[tuple[float, Epoch]] = deque()
+        self._dead_slots = 0  # entries put in _dead since it was last rebuilt
         self._mapped: set[Epoch] = set()  # our connections whose SET we have seen
         # Our epochs only grow and each REGISTER is queued as its epoch is
         # given: every epoch up to this one has had its REGISTER taken.
@@ -124,17 +181,46 @@ class ShardMap:
 
     def set_peer_shards(self, shards: list[ShardId], now: float) -> None:
         """The live shards of the cluster, as the coordinator last listed them
-        (``now`` as for every input; nothing here depends on it yet)."""
+        in its heartbeat (every 0.5 s: also when dead epochs are forgotten
+        while no updates come)."""
         self.peer_shards = {shard for shard in shards if shard != self.shard}
+        self.forget_dead(now)
 
-    def apply_map_update(self, update: tuple, now: float) -> None:
+    def apply_map_update(self, update: Sequence, now: float) -> None:
         """One sequenced update of the routing map from the coordinator."""
-        handler = self._map_handlers.get(update[0])
-        if handler is not None:
-            handler(update, now)
-        self.relay.settle()
+        self.apply_map_updates((update,), now)
 
-    def _on_set(self, update: tuple, now: float) -> None:
+    def apply_map_updates(self, updates: Sequence[Sequence], now: float) -> None:
+        """Consecutive sequenced updates of the routing map, in order, as one
+        call (the replica passes a publication's batch): the per-call work --
+        dispatch, ``settle``, forgetting dead epochs -- is paid once per batch.
+
+        A plain SET or DEL (no R-CONF-3 kill) only changes the replica and
+        the link bookkeeping (dooms, re-WANTs, dead epochs): it writes nothing
+        to a connection and kills none, so nothing can pass output_hard_limit
+        in it and ``settle`` after it would do nothing. An update that can
+        (a SET that replaces one of ours, DROP_SHARD) is settled at once, as
+        every entry point is, before the next update of the batch."""
+        self.forget_dead(now)
+        on_set, on_del, handlers = self._on_set, self._on_del, self._map_handlers
+        settle = self.relay.settle
+        set_, del_ = MapUpdate.SET, MapUpdate.DEL
+        for update in updates:
+            kind = update[0]
+            if kind == del_:
+                on_del(update, now)
+            elif kind == set_:
+                on_set(update, now)
+                if update[5] is not None:  # a replacement: may have killed one of ours
+                    settle()
+            else:
+                handler = handlers.get(kind)
+                if handler is not None:
+                    handler(update, now)
+                settle()
+        settle()
+
+    def _on_set(self, update: Sequence, now: float) -> None:
         """A key's connection registered (replacing another: R-CONF-3)."""
         _, public_key, shard, epoch, replaced_shard, replaced_epoch = update
         if replaced_epoch is not None:
@@ -143,29 +229,38 @@ class ShardMap:
                 if old is not None and old.epoch == replaced_epoch:
                     self.relay.kill(old, "R-CONF-3")
             else:
-                replaced = RemotePeer(replaced_shard, public_key, replaced_epoch)
-                self._note_dead(replaced, now)
-                self._doom(replaced, now)
-        self._dropped_shards.discard(shard)  # (dropped while alive, registers again)
-        self._dead.pop(RemotePeer(shard, public_key, epoch), None)  # (the same: alive)
+                self._note_dead(replaced_epoch, now)
+                if public_key in self._wanting:  # (a link to it needs a slot for its key)
+                    self._doom(_remote_peer(replaced_shard, public_key, replaced_epoch), now)
         if shard == self.shard:
+            # (Our own shard is never in _dropped_shards, our epochs never in _dead.)
             self.directory.pop(public_key, None)
             self._mapped.add(epoch)
             return
-        self.directory[public_key] = RemotePeer(shard, public_key, epoch)
+        if self._dropped_shards:
+            self._dropped_shards.discard(shard)  # (dropped while alive, registers again)
+        if self._dead:
+            self._dead.pop(epoch, None)  # (the same: alive; its queue entry is stale)
+        self.directory[public_key] = _remote_peer(shard, public_key, epoch)
         if public_key in self._wanting:
             self._rewant[public_key] = None  # WANTed at take_bus (_send_rewants)
 
-    def _on_del(self, update: tuple, now: float) -> None:
-        """A key's connection ended."""
+    def _on_del(self, update: Sequence, now: float) -> None:
+        """A key's connection ended. Its epoch is remembered as dead for any
+        key (a client here may ask for the key after this, and a WANT its
+        connection sent before it ended may come after that); links to it
+        can only be held by our clients with a slot for its key (``_wanting``),
+        so for any other key (most of them) that is all."""
         _, public_key, shard, epoch = update
         current = self.directory.get(public_key)
         if current is not None and current.epoch == epoch:
             del self.directory[public_key]
         if shard != self.shard:
-            ended = RemotePeer(shard, public_key, epoch)
-            self._note_dead(ended, now)
-            self._doom(ended, now)
+            self._note_dead(epoch, now)
+            if public_key in self._wanting:
+                if current is None or current.epoch != epoch:
+                    current = _remote_peer(shard, public_key, epoch)
+                self._doom(current, now)
 
     def _on_drop_shard(self, update: tuple, now: float) -> None:
         """Every key of a shard that died or fell silent is gone."""
@@ -179,7 +274,7 @@ class ShardMap:
             if remote.shard == shard:
                 del self.directory[public_key]
                 # (if that shard lives, it gives its clients new epochs)
-                self._note_dead(remote, now)
+                self._note_dead(remote.epoch, now)
         for remote in [r for r in self._remote_links if r.shard == shard]:
             # Said on the bus too (lost if that worker is dead): one dropped
             # while alive may have linked on a LINKED we sent before this.
@@ -291,14 +386,48 @@ class ShardMap:
                 )
         self.relay.settle()
 
-    def _note_dead(self, remote: RemotePeer, now: float) -> None:
-        """The map says ``remote`` was replaced or has ended: refuse its link
-        messages for DEAD_EPOCH_MEMORY seconds (see there)."""
+    def _note_dead(self, epoch: Epoch, now: float) -> None:
+        """The map says the remote connection ``epoch`` was replaced or has
+        ended: refuse its link messages for DEAD_EPOCH_MEMORY seconds (see
+        there)."""
         dead = self._dead
-        dead.pop(remote, None)
-        dead[remote] = now + DEAD_EPOCH_MEMORY
+        until = now + DEAD_EPOCH_MEMORY + DEAD_EPOCH_BACKSTOP
+        dead[epoch] = until  # (noted again: its earlier queue entry is stale)
+        self._dead_slots += 1
+        order = self._dead_order
+        order.append((until, epoch))
         if len(dead) > MAX_DEAD_EPOCHS:
-            del dead[next(iter(dead))]
+            self._forget_oldest_dead()
+        elif len(order) > 2 * MAX_DEAD_EPOCHS:
+            self._rebuild_dead()  # many stale entries (epochs noted again)
+
+    def forget_dead(self, now: float) -> None:
+        """Forget the dead epochs whose DEAD_EPOCH_MEMORY has passed: O(1)
+        per entry, and the dict is rebuilt once half of it is holes."""
+        dead, order = self._dead, self._dead_order
+        due = now + DEAD_EPOCH_BACKSTOP
+        while order and order[0][0] <= due:
+            until, epoch = order.popleft()
+            if dead.get(epoch) == until:  # (else noted again, or alive)
+                del dead[epoch]
+        if self._dead_slots > 2 * len(dead) + 64:
+            self._rebuild_dead()
+
+    def _forget_oldest_dead(self) -> None:
+        dead, order = self._dead, self._dead_order
+        while order:
+            until, epoch = order.popleft()
+            if dead.get(epoch) == until:
+                del dead[epoch]
+                return
+
+    def _rebuild_dead(self) -> None:
+        """A new dict without the holes of deleted entries, oldest first, and
+        the queue without stale entries (an epoch noted again keeps its place
+        in the dict, with the later deadline)."""
+        self._dead = DeadEpochs(sorted(self._dead.items(), key=itemgetter(1)))
+        self._dead_slots = len(self._dead)
+        self._dead_order = deque((until, epoch) for epoch, until in self._dead.items())
 
     def _doom(self, remote: RemotePeer, now: float) -> None:
         """The map says ``remote`` is gone. Its own shard sends UNLINK over the

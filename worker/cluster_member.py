@@ -68,13 +68,19 @@ class ClusterMember(CoordinatorHandler):
 
     # CoordinatorHandler
     def apply_map_update(self, update: tuple, now: float) -> None:
-        self.links.apply_map_update(update, now)
-        if update[0] == MapUpdate.DROP_SHARD:
-            _, shard, exited = update
-            # Only a shard whose process is gone is forgotten: one dropped for
-            # silence may be alive (SIGSTOP) and speak again with the same id.
-            if exited and shard != self.links.shard:
-                self.bus.forget(shard)
+        self.apply_map_updates([update], now)
+
+    def apply_map_updates(self, updates: list, now: float) -> None:
+        """A publication's updates, in one call to the relay table."""
+        self.links.apply_map_updates(updates, now)
+        drop_shard = MapUpdate.DROP_SHARD
+        for update in updates:
+            if update[0] == drop_shard:
+                _, shard, exited = update
+                # Only a shard whose process is gone is forgotten: one dropped for
+                # silence may be alive (SIGSTOP) and speak again with the same id.
+                if exited and shard != self.links.shard:
+                    self.bus.forget(shard)
 
     def reset_directory(self, entries: list, merge: bool, request: int | None, now: float) -> None:
         self.links.reset_directory(entries, now, merge=merge, request=request)

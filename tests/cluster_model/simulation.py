@@ -98,6 +98,11 @@ OPTIONS = RelayOptions(ping_interval=1e9, ping_timeout=1e8)
 #: Deliveries after which ``quiesce`` calls it a livelock.
 MAX_DELIVERIES = 5_000
 
+#: With ``coalesce_updates``, a delivered publication takes up to this many - 1
+#: of those queued behind it along (the choice's high part decides how many):
+#: the coordinator sends the updates it held back together.
+MAX_COALESCED = 4
+
 
 def name_of(public_key: bytes) -> str:
     return NAME_OF.get(public_key, public_key.hex()[:12])
@@ -408,6 +413,9 @@ class SimulatedCluster(_Driver):
         self.coordinator = 1  # its incarnation (a restart makes a new one)
         self.announced: set[int] = set()  # live shards, as the heartbeat lists them
         self.lost_updates = 0
+        # Publications delivered several at once (``_coalesce``); off where a
+        # scenario's schedules were written for one update per delivery.
+        self.coalesce_updates = False
         self.coordinator_restarts = 0
         self.bus: dict[tuple[int, int], deque[tuple]] = {}
         self.deliveries = 0
@@ -493,6 +501,8 @@ class SimulatedCluster(_Driver):
         message = queue.popleft()
         self.deliveries += 1
         self.delivered[_kind_name(kind, message)] += 1
+        if kind == "update" and message[0] == "u" and self.coalesce_updates:
+            message = self._coalesce(message, queue, choice // len(pending) % MAX_COALESCED)
         if kind == "registry":
             assert isinstance(address, int)
             if message[0] == "SNAPSHOT":
@@ -529,6 +539,18 @@ class SimulatedCluster(_Driver):
             self.deliver_one(chooser(pending))
             count += 1
             assert count < MAX_DELIVERIES, "the cluster does not quiesce (livelock)"
+
+    @staticmethod
+    def _coalesce(message: list, queue: deque[list], more: int) -> list:
+        """``message`` and up to ``more`` publications that follow it in the
+        queue, as the one message the coordinator sends when it publishes
+        several workers' events together (its pacing holds them), so that a
+        replica applies them as one batch (``apply_map_updates``)."""
+        updates = list(message[2])
+        while more and queue and queue[0][0] == "u" and queue[0][1] == message[1]:
+            updates += queue.popleft()[2]
+            more -= 1
+        return ["u", message[1], updates]
 
     def _publish(self, updates: list[tuple[int, tuple]]) -> None:
         for queue in self.updates.values():
@@ -660,6 +682,9 @@ class _ReplicaSide:
 
     def apply_map_update(self, update: tuple, now: float) -> None:
         self.server.cluster.apply_map_update(update, now)  # (own DROP_SHARD: new epochs, REGISTERs)
+
+    def apply_map_updates(self, updates: list, now: float) -> None:
+        self.server.cluster.apply_map_updates(updates, now)
 
     def reset_directory(self, entries: list, merge: bool, request: int | None, now: float) -> None:
         self.server.cluster.reset_directory(entries, now, merge=merge, request=request)

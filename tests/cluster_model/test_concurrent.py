@@ -142,3 +142,21 @@ ConcurrentClusterModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 TestConcurrentClusterModel = pytest.mark.timeout(1800)(ConcurrentClusterModel.TestCase)
+
+
+class BatchedConcurrentClusterModel(ConcurrentClusterModel):
+    """The same, with consecutive publications delivered together as the
+    coordinator sends them when its pacing held them back: each replica
+    applies them as one batch (``CrossShard.apply_map_updates``: one settle
+    per batch, issue 13), a lost one among them as a gap."""
+
+    def _new_worlds(self, n_shards: int) -> None:
+        super()._new_worlds(n_shards)
+        assert self.cluster is not None
+        self.cluster.coalesce_updates = True
+
+
+BatchedConcurrentClusterModel.TestCase.settings = ConcurrentClusterModel.TestCase.settings
+TestBatchedConcurrentClusterModel = pytest.mark.timeout(1800)(
+    BatchedConcurrentClusterModel.TestCase
+)

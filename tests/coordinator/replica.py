@@ -15,6 +15,10 @@ class RecordingHandler(CoordinatorHandler):
     def apply_map_update(self, update: tuple, now: float) -> None:
         self.applied.append(update)
 
+    def apply_map_updates(self, updates: list, now: float) -> None:
+        for update in updates:
+            self.apply_map_update(tuple(update), now)
+
     def reset_directory(self, entries: list, merge: bool, request: int | None, now: float) -> None:
         self.resets.append((entries, merge))
         self.reset_requests.append(request)

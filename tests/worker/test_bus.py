@@ -154,8 +154,8 @@ class _Server:
     def __init__(self) -> None:
         self.updates: list[tuple] = []
 
-    def apply_map_update(self, update: tuple, now: float) -> None:
-        self.updates.append(update)
+    def apply_map_updates(self, updates: list, now: float) -> None:
+        self.updates.extend(updates)
 
 
 class _Bus:
