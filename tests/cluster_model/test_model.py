@@ -342,7 +342,12 @@ class ClusterModel(RuleBasedStateMachine):
         if how == "eof":
             self._run(lambda world: world.close(record.index), schedule)
             return
-        unused = min(set(range(16, 256)) - set(record.slots))
+        free = sorted(set(range(16, 256)) - set(record.slots))
+        # Routing requests the server has not answered yet take the lowest
+        # free ids first (R-ROUTE-5): an id they may take is not "unused" (a
+        # server holding this client's frames answers them before the 03).
+        outstanding = max(0, record.requests_sent - record.responses_seen)
+        unused = free[min(outstanding, len(free) - 1)]
         packet = RoutedData(unused, b"x") if how == "data" else DisconnectNotification(unused)
         self._send(record.index, packet, schedule)
 

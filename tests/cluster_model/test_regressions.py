@@ -666,3 +666,33 @@ def test_a_held_re_want_round_goes_at_exactly_its_due_time() -> None:
         state.restart_coordinator(schedule=0)
         state._check()
     state.teardown()
+
+
+def test_a_03_for_an_id_a_pending_request_takes_is_not_sent_as_unused() -> None:
+    """Concurrent model; the expectation of the model was wrong (found by a
+    helper's long run, failing since the concurrent model existed).
+
+    carol@0 requests alice (on another shard), so her shard stops reading her
+    frames until alice's shard answers; she then requests bob and, to be
+    killed (R-DISC-2), sends a 03 for what her view calls the lowest unused
+    id, 17. When her frames are read, the request for bob takes 17 first
+    (R-ROUTE-5) and the 03 legitimately gives it up (R-DISC-3): no kill, and
+    her view (17: requested, from the late ROUTING_RESPONSE) differed from the
+    server's table. A real client never sends a 03 for an id it has not been
+    given; the model's ``end`` now skips the ids its unanswered requests can
+    take, so the 03 is for an id that stays unused."""
+    state = replay(
+        3,
+        [(ALICE, 1), (BOB, 0)],
+        *[("restart_coordinator", {"schedule": schedule}) for schedule in (3, 0, 0, 0, 0)],
+        ("connect", {"confirm": False, "identity": CAROL, "schedule": 4343986, "shard": 0}),
+        ("pair", {"first": 0, "other": 0, "pick": 0, "second": 0}),
+        ("route", {"peer": BOB, "pick": 26, "schedule": 0}),
+        ("end", {"how": "disconnect", "pick": 20, "schedule": 0}),
+        ("settle", {"schedule": 0}),
+        model=ConcurrentClusterModel,
+        pairs=[(0, 0)],
+    )
+    assert state.cluster is not None
+    carol = state.cluster.clients[2]
+    assert carol.close_reason == "R-DISC-2"
