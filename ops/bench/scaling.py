@@ -15,7 +15,13 @@ a core of its own, the coordinator on one more, load spread evenly:
   its own replica's update), each of the N-1 other workers applies the routing map's
   SET and DEL (``replica`` each), the coordinator ``coord``. Workers give
   N / (own + (N-1)·replica) handshakes/s, the coordinator 1 / coord; the smaller
-  one is the limit.
+  one is the limit. The replica term is batched (docs/benchmarks.md, "Replica cost
+  per update"): replica(R) = 2·u + P·publications/s / R at a cluster rate of R
+  handshakes/s, with publications/s <= min(2R, 1 / PUBLISH_MIN_INTERVAL) (the
+  coordinator's pacing); u (µs per update) and P (µs per publication) are measured
+  by ``ops/bench/replica_live.py`` (``--replica-update-us``,
+  ``--replica-publication-us``; 0 falls back to the ledger's flat per-handshake
+  value, the 2-worker rate's). R and replica(R) are solved together.
 * efficiency = rate(N) / (N · rate(1)); the generator's cores are not counted (the
   table gives how many it needs at its ledger cost).
 
@@ -32,6 +38,7 @@ pairs per worker, handshakes), beside the model; ``--plot`` draws both (needs th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -41,6 +48,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from coordinator.service import PUBLISH_MIN_INTERVAL
 
 WORKER_COUNTS = (1, 2, 4, 8, 16, 32)
 EFFICIENCY_GOAL = 0.8
@@ -58,6 +67,17 @@ class UnitCosts:
     coord: float  # coordinator's CPU per handshake
     generator_frame: float = 0.0  # load generator per frame / per handshake
     generator_handshake: float = 0.0
+    # The batched replica term (0: use ``replica`` as a flat per-handshake cost).
+    replica_update: float = 0.0  # u: one replica's CPU per map update applied
+    replica_publication: float = 0.0  # P: one replica's CPU per publication received
+
+
+# replica_live.py on this machine (docs/benchmarks.md, "Replica cost per update"):
+# the live worker's line through µs per publication against updates per publication.
+REPLICA_UPDATE_US = 0.73
+REPLICA_PUBLICATION_US = 83.0
+# The coordinator publishes at most this many batches per second when busy.
+PUBLICATIONS_MAX_PER_S = 1.0 / PUBLISH_MIN_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -90,9 +110,25 @@ def frames_per_s(costs: UnitCosts, workers: int, cores: float | None = None) -> 
     return cores * 1e6 / worker_us_per_frame(costs, workers)
 
 
+def replica_us(costs: UnitCosts, cluster_handshakes_per_s: float) -> float:
+    """One other worker's CPU per handshake at that cluster rate (see the module
+    docstring): two updates plus its share of the publications that carry them."""
+    if costs.replica_update <= 0 and costs.replica_publication <= 0:
+        return costs.replica
+    rate = max(cluster_handshakes_per_s, 1.0)
+    publications = min(2.0 * rate, PUBLICATIONS_MAX_PER_S)
+    return 2.0 * costs.replica_update + costs.replica_publication * publications / rate
+
+
 def handshakes_per_s(costs: UnitCosts, workers: int) -> tuple[float, str]:
     """(handshakes/s, what limits it): the workers together or the coordinator."""
-    by_workers = workers * 1e6 / (costs.own + (workers - 1) * costs.replica)
+    rate = workers * 1e6 / (costs.own + (workers - 1) * costs.replica)
+    for _ in range(100):  # the replica term depends on the rate: a fixed point
+        following = workers * 1e6 / (costs.own + (workers - 1) * replica_us(costs, rate))
+        if abs(following - rate) < 1e-6 * rate:
+            break
+        rate = following
+    by_workers = rate
     by_coordinator = 1e6 / costs.coord if costs.coord > 0 else float("inf")
     if by_coordinator < by_workers:
         return by_coordinator, "coordinator"
@@ -237,7 +273,7 @@ def check_here(costs: UnitCosts, repetitions: int) -> list[dict[str, Any]]:
             if relay_cores is not None:  # the generator has one core of its own
                 predicted_frames = min(predicted_frames, generator_cap)
             # On few cores the coordinator shares them: all CPU per handshake counts.
-            relay_us = costs.own + (workers - 1) * costs.replica + costs.coord
+            relay_us = costs.own + (workers - 1) * costs.replica + costs.coord  # 2w: measured
             handshake_cores = cores
             if relay_cores is None and costs.generator_handshake:
                 share = relay_us / (relay_us + costs.generator_handshake)
@@ -327,6 +363,19 @@ def render_check(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def replica_text(costs: UnitCosts, rows: list[Prediction]) -> str:
+    """How the replica term was modelled, with its value at the largest N."""
+    if costs.replica_update <= 0 and costs.replica_publication <= 0:
+        return f"{costs.replica:.1f} µs each, flat"
+    last = rows[-1]
+    return (
+        f"2 x {costs.replica_update:.2f} µs + {costs.replica_publication:.0f} µs per "
+        f"publication, at most {PUBLICATIONS_MAX_PER_S:.0f} publications/s: "
+        f"{replica_us(costs, last.handshakes_per_s):.1f} µs each at N = {last.workers}, "
+        f"{costs.replica:.1f} µs measured at 2 workers' ledger rate"
+    )
+
+
 def limits_text(costs: UnitCosts, rows: list[Prediction]) -> str:
     """The largest efficient N for frames and handshakes, and what stops each."""
     frames_n = largest_efficient(rows, "frame_efficiency")
@@ -341,7 +390,7 @@ def limits_text(costs: UnitCosts, rows: list[Prediction]) -> str:
         f"tends to 1, so efficiency falls towards same/cross = {limit_frames:.2f}: above 0.8 "
         "only once a cross-shard frame costs at most 1.25x a same-shard one, or when linked "
         "pairs are placed on one shard. Handshakes: every handshake costs each of the N-1 "
-        f"other workers a replica update ({costs.replica:.1f} µs, the SET and the DEL), "
+        f"other workers a replica update (the SET and the DEL: {replica_text(costs, rows)}), "
         f"against {costs.own:.0f} µs on the accepting worker, so the workers' total per "
         "handshake grows linearly with N; the coordinator alone would cap the cluster at "
         f"{coordinator} ({costs.coord:.1f} µs per handshake)."
@@ -363,7 +412,8 @@ def render_section(
         "the cost ledger's CPU per unit -- same-shard frame "
         f"{costs.same:.1f} µs, cross-shard frame {costs.cross:.1f} µs (both workers), "
         f"connection {costs.own:.0f} µs on its worker, {costs.replica:.1f} µs on each other "
-        f"worker, {costs.coord:.1f} µs on the coordinator -- and assumes one core per worker, "
+        f"worker (at the 2-worker ledger's rate; modelled as {replica_text(costs, rows)}), "
+        f"{costs.coord:.1f} µs on the coordinator -- and assumes one core per worker, "
         "one for the coordinator, pairs spread at random ((N-1)/N of them cross shards). "
         "Efficiency = rate(N) / (N x rate(1)). *generator cores* = what `cluster loadtest` "
         f"needs at its ledger cost ({costs.generator_frame:.1f} µs per frame) to drive that "
@@ -444,6 +494,19 @@ def main(argv: list[str] | None = None) -> int:
         "--sweep", action="store_true", help="measure N = 1, 2, 4, ... as far as the cores allow"
     )
     parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument(
+        "--replica-update-us",
+        type=float,
+        default=REPLICA_UPDATE_US,
+        help="u: a replica's CPU per map update (ops/bench/replica_live.py; "
+        "0 with the next = the ledger's flat per-handshake replica cost)",
+    )
+    parser.add_argument(
+        "--replica-publication-us",
+        type=float,
+        default=REPLICA_PUBLICATION_US,
+        help="P: a replica's CPU per publication it receives (ops/bench/replica_live.py)",
+    )
     parser.add_argument("--plot", type=Path, metavar="FILE.png")
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
@@ -464,7 +527,11 @@ def main(argv: list[str] | None = None) -> int:
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )  # fmt: skip
         ledger = {"rows": cost.summarize(costs_list)}
-    costs = costs_from_ledger(ledger["rows"])
+    costs = dataclasses.replace(
+        costs_from_ledger(ledger["rows"]),
+        replica_update=args.replica_update_us,
+        replica_publication=args.replica_publication_us,
+    )
     rows = predict(costs)
     checked = check_here(costs, args.repetitions) if args.check else []
     swept = sweep(costs, args.repetitions) if args.sweep else []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from ops.bench.scaling import (
@@ -12,6 +14,7 @@ from ops.bench.scaling import (
     handshakes_per_s,
     largest_efficient,
     predict,
+    replica_us,
     worker_us_per_frame,
 )
 
@@ -39,6 +42,20 @@ def test_handshakes_limited_by_workers_then_coordinator() -> None:
     assert handshakes_per_s(COSTS, 4) == (pytest.approx(4e6 / 230), "workers")
     # 8 workers: 8e6 / 270 = 29,630/s > 1e6 / 40: the coordinator limits.
     assert handshakes_per_s(COSTS, 8) == (pytest.approx(25_000), "coordinator")
+
+
+def test_batched_replica_term_shrinks_towards_two_updates() -> None:
+    """u = 1 us per update, P = 100 us per publication, at most 200
+    publications/s: below 100 handshakes/s each update is a publication of
+    its own (2u + 2P); above, the 200/s share the P."""
+    batched = dataclasses.replace(COSTS, replica_update=1.0, replica_publication=100.0)
+    assert replica_us(batched, 50.0) == pytest.approx(2 + 100 * 100 / 50)
+    assert replica_us(batched, 20_000.0) == pytest.approx(2 + 100 * 200 / 20_000)
+    assert replica_us(COSTS, 20_000.0) == 10.0  # no u / P: the ledger's flat value
+    # The rate and its replica term agree (the fixed point).
+    rate, limit = handshakes_per_s(dataclasses.replace(batched, coord=0.0), 8)
+    assert limit == "workers"
+    assert rate == pytest.approx(8e6 / (200 + 7 * replica_us(batched, rate)), rel=1e-5)
 
 
 def test_efficiency_and_largest_n() -> None:
