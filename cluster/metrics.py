@@ -37,6 +37,9 @@ PLAIN_COUNTERS = {
     "relayed_bytes": ("relayed_bytes", "Plaintext bytes of relayed packets."),
     "links": ("links", "Links formed between two clients' slots."),
     "bus.messages_dropped": ("bus_dropped_messages", "Cross-shard messages dropped: queue full."),
+    "bus.batches_sent": (
+        "bus_batches", "Peer bus batches sent (one ZeroMQ message each, many link messages)."
+    ),
     "bus.messages_to_gone_shard": (
         "bus_messages_to_exited_workers", "Bus messages to exited workers, dropped."
     ),

@@ -103,6 +103,7 @@ def test_collector_exposes_onion_and_bus_counters() -> None:
             "udp.ignored": 6,
             "dropped.onion_rate_client": 5,
             "bus.messages_to_gone_shard": 9,
+            "bus.batches_sent": 11,
             "onion.replies_delivered_0x84": 7,
             "onion.replies_delivered_0x88": 3,
             "dropped.onion_reply_bad_type": 8,
@@ -116,6 +117,7 @@ def test_collector_exposes_onion_and_bus_counters() -> None:
     assert 'toxrelay_udp_datagrams_total{event="ignored"} 6.0' in text
     assert 'toxrelay_dropped_packets_total{reason="onion_rate_client"} 5.0' in text
     assert "toxrelay_bus_messages_to_exited_workers_total 9.0" in text
+    assert "toxrelay_bus_batches_total 11.0" in text
     assert 'toxrelay_onion_packets_total{event="replies_delivered_0x88"} 3.0' in text
     totals = stats.status()["totals"]
     assert totals["onion_requests"] == 4 and totals["onion_replies_crossed_shards"] == 2
