@@ -640,12 +640,17 @@ class RelayServer:
         id_byte = _ID_BYTES[connection_id]
         outbox = connection.outbox
         was_empty = not outbox
+        seal_frame = channel.seal_frame  # type: ignore[union-attr]
         relayed = relayed_bytes = dropped = 0
         for payload in payloads:
             if connection.outbox_size + connection.transport_backlog > soft_limit:
                 dropped += 1  # R-OUT-2: no nonce used
                 continue
-            frame = channel.encrypt(id_byte + payload)  # type: ignore[union-attr]
+            plain = id_byte + payload
+            if len(plain) > MAX_PLAINTEXT_SIZE:  # R-FRAME-6 (a bus message is not a frame)
+                self.stats["dropped.data_too_long"] += 1
+                continue
+            frame = seal_frame(len(plain), plain)
             outbox.append(frame)
             connection.outbox_size += len(frame)
             relayed += 1

@@ -163,3 +163,21 @@ def test_stale_data_is_counted_per_frame() -> None:
     receiving.cluster.receive_link(cluster.clients[alice].server.shard, message, cluster.now)
     assert receiving.stats["dropped.stale_link"] == 3
     assert receiver.outbox == []
+
+
+def test_a_payload_too_long_for_a_frame_is_dropped_and_counted() -> None:
+    """R-FRAME-6: a bus message is not a frame, and another worker (a bug, a
+    newer version) may send a payload no frame can hold; it is dropped and
+    counted, the rest of the message still delivered, no nonce used."""
+    cluster, alice, bob, _, bob_id = _linked_across()
+    sender = cluster.clients[alice].connection
+    receiving = cluster.clients[bob].server
+    receiver = cluster.clients[bob].connection
+    message = (
+        Link.DATA, PUBLIC_KEYS["alice"], sender.epoch,
+        PUBLIC_KEYS["bob"], receiver.epoch, (b"alice#1", bytes(2100), b"alice#2"),
+    )  # fmt: skip
+    receiving.cluster.receive_link(cluster.clients[alice].server.shard, message, cluster.now)
+    assert receiving.stats["dropped.data_too_long"] == 1
+    cluster._pump(receiving)  # what the worker's flush does after a batch
+    assert _received(cluster, bob) == [(bob_id, b"alice#1"), (bob_id, b"alice#2")]
