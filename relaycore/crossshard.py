@@ -151,25 +151,39 @@ class CrossShard(ShardMap):
         self._send_link(Link.UNLINK, connection.public_key, connection.epoch, old)  # type: ignore[arg-type]
         self._end_remote_link(connection, index, old)
 
-    def send_data(self, connection: ServerConnection, remote: RemotePeer, payload: bytes) -> None:
-        """Routed data for a client on another shard. Frames of one link with
-        nothing else queued after them travel in one DATA message (its last
-        field is the list of payloads, at most DATA_MESSAGE_BYTES of them):
-        one lookup and one link check per message on the receiving shard."""
+    def send_data(
+        self, connection: ServerConnection, remote: RemotePeer, payloads: list[bytes]
+    ) -> None:
+        """Routed data for a client on another shard, in order. Frames of one
+        link with nothing else queued after them travel in one DATA message
+        (its last field is the list of payloads, at most DATA_MESSAGE_BYTES of
+        them): one lookup and one link check per message on the receiving
+        shard. ``payloads`` is the caller's to give away."""
         bus = self._bus
         open_message = self._open_data
+        size = sum(map(len, payloads))
         if (
             open_message is not None
             and bus
             and bus[-1] is open_message[0]
             and open_message[1] is connection
             and open_message[2] is remote
-            and open_message[4] + len(payload) <= DATA_MESSAGE_BYTES
+            and open_message[4] + size <= DATA_MESSAGE_BYTES
         ):
-            open_message[3].append(payload)
-            open_message[4] += len(payload)
+            open_message[3].extend(payloads)
+            open_message[4] += size
             return
-        payloads = [payload]
+        if size > DATA_MESSAGE_BYTES and len(payloads) > 1:  # a long read: a few messages
+            part: list[bytes] = []
+            part_size = 0
+            for payload in payloads:
+                if part and part_size + len(payload) > DATA_MESSAGE_BYTES:
+                    self.send_data(connection, remote, part)
+                    part, part_size = [], 0
+                part.append(payload)
+                part_size += len(payload)
+            self.send_data(connection, remote, part)
+            return
         entry = (
             remote.shard,
             (
@@ -178,7 +192,7 @@ class CrossShard(ShardMap):
             ),
         )  # fmt: skip
         bus.append(entry)
-        self._open_data = [entry, connection, remote, payloads, len(payload)]
+        self._open_data = [entry, connection, remote, payloads, size]
 
     def send_oob(
         self, connection: ServerConnection, destination: bytes, data: bytes, now: float

@@ -34,7 +34,7 @@ class Neighbours(Protocol):
     def slot_released(self, connection: ServerConnection, slot: Slot) -> None: ...
     def take_over(self, connection: ServerConnection, index: int) -> None: ...
     def send_data(
-        self, connection: ServerConnection, remote: RemotePeer, payload: bytes
+        self, connection: ServerConnection, remote: RemotePeer, payloads: list[bytes]
     ) -> None: ...
     def send_oob(
         self, connection: ServerConnection, destination: bytes, data: bytes, now: float
@@ -67,7 +67,9 @@ class Alone:
     def reply_elsewhere(self, path: ReturnPath, plain: bytes) -> bool:
         return False
 
-    def send_data(self, connection: ServerConnection, remote: RemotePeer, payload: bytes) -> None:
+    def send_data(
+        self, connection: ServerConnection, remote: RemotePeer, payloads: list[bytes]
+    ) -> None:
         raise InvariantBroken("a link to another shard in a stand-alone relay")
 
     def take_over(self, connection: ServerConnection, index: int) -> None:

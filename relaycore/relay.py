@@ -219,6 +219,9 @@ class RelayServer:
         dirty = self._dirty
         send_remote = self.cluster.send_data
         count = relayed = relayed_bytes = dropped = 0
+        # Data for a client on another shard, gathered per link while it runs
+        # on; handed to the bus before anything else the read causes.
+        remote = remote_payloads = None
         try:
             for size in frames:
                 count += 1
@@ -228,7 +231,12 @@ class RelayServer:
                     if slot is not None and slot.state is LINKED:  # R-DATA-4
                         peer = slot.peer
                         if peer is None:  # linked to a client on another shard
-                            send_remote(connection, slot.remote, plaintext[1:size])  # type: ignore[arg-type]
+                            if slot.remote is remote:
+                                remote_payloads.append(plaintext[1:size])  # type: ignore[union-attr]
+                            else:
+                                if remote_payloads:
+                                    send_remote(connection, remote, remote_payloads)  # type: ignore[arg-type]
+                                remote, remote_payloads = slot.remote, [plaintext[1:size]]
                         elif peer.outbox_size + peer.transport_backlog > soft_limit:
                             dropped += 1  # R-OUT-2: no nonce used
                         elif peer.state is CONFIRMED:
@@ -244,6 +252,9 @@ class RelayServer:
                             self._stop_reading(connection, channel, frames)
                             break
                         continue
+                if remote_payloads:  # (stream order on the bus)
+                    send_remote(connection, remote, remote_payloads)  # type: ignore[arg-type]
+                    remote = remote_payloads = None
                 if connection.state is ConnectionState.UNCONFIRMED:
                     self._confirm(connection, now)  # R-CONF-1
                     slots = connection.slots
@@ -256,8 +267,13 @@ class RelayServer:
                     self._stop_reading(connection, channel, frames)
                     break
         except ProtocolViolation as violation:
+            if remote_payloads:  # the frames before the bad one, before its UNLINKs
+                send_remote(connection, remote, remote_payloads)  # type: ignore[arg-type]
+                remote_payloads = None
             self.kill(connection, violation.rule)
         finally:
+            if remote_payloads:
+                send_remote(connection, remote, remote_payloads)  # type: ignore[arg-type]
             frames.close()
             stats["frames_in"] += count
             if relayed:
@@ -474,7 +490,7 @@ class RelayServer:
                     peer_id = slot.peer_slot + NUM_RESERVED_PORTS
                     self._send_nonpriority(peer, bytes((peer_id,)) + plain[1:])
                 else:  # linked to a client on another shard
-                    self.cluster.send_data(connection, slot.remote, plain[1:])  # type: ignore[arg-type]
+                    self.cluster.send_data(connection, slot.remote, [plain[1:]])  # type: ignore[arg-type]
             else:
                 self.stats["dropped.not_linked"] += 1  # R-DATA-3
             return

@@ -181,3 +181,23 @@ def test_a_payload_too_long_for_a_frame_is_dropped_and_counted() -> None:
     assert receiving.stats["dropped.data_too_long"] == 1
     cluster._pump(receiving)  # what the worker's flush does after a batch
     assert _received(cluster, bob) == [(bob_id, b"alice#1"), (bob_id, b"alice#2")]
+
+
+def test_frames_before_a_bad_one_reach_the_bus_before_the_kill_unlinks() -> None:
+    """R-FRAME-5 / R-KILL-1 across shards: the read's data for the other
+    shard is queued before the UNLINK that the sender's kill sends, so the
+    peer gets the data, then its 03 (the UNLINK first would make the data
+    stale and lose it)."""
+    cluster, alice, bob, alice_id, bob_id = _linked_across()
+    record = cluster.clients[alice]
+    for payload in (b"alice#1", b"alice#2"):
+        record.client.send(RoutedData(alice_id, payload))
+    record.client.outbox += (40).to_bytes(2, "big") + bytes(40)  # its MAC fails
+    cluster._pump(record.server)
+    assert [message[0] for message in _bus_messages(cluster)] == [Link.DATA, Link.UNLINK]
+    cluster.quiesce()
+    assert record.connection.close_reason == "R-FRAME-4"
+    events = [event for _, event in cluster.clients[bob].events]
+    assert events[-3:] == [
+        ("data", bob_id, b"alice#1"), ("data", bob_id, b"alice#2"), ("disconnect", bob_id),
+    ]  # fmt: skip
