@@ -272,9 +272,9 @@ class RelayServer:
                 remote_payloads = None
             self.kill(connection, violation.rule)
         finally:
+            frames.close()
             if remote_payloads:
                 send_remote(connection, remote, remote_payloads)  # type: ignore[arg-type]
-            frames.close()
             stats["frames_in"] += count
             if relayed:
                 stats["relayed"] += relayed
