@@ -32,7 +32,11 @@ DEFAULT_CONCURRENCY = 64
 DEFAULT_DURATION = {"throughput": 10.0, "oob": 10.0, "idle": 40.0, "handshake": 0.0}
 DEFAULT_WARMUP = 1.0
 DEFAULT_DRAIN = 2.0
-DEFAULT_SOURCE_ADDRESSES = 4
+DEFAULT_SOURCE_ADDRESSES = 4  # at least; more when many connections open at once
+# Connections one source address may have opening at once by default: half of
+# a relay's default max_unconfirmed_per_ip (256 per worker), so a burst such as
+# -K 10000 is not refused as a half-open flood from a few addresses.
+OPENING_PER_SOURCE_ADDRESS = 128
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_LINK_TIMEOUT = 10.0
 DEFAULT_SETUP_TIMEOUT = 60.0
@@ -165,9 +169,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="worker processes generating load (default min(4, CPUs) = %(default)s)",
     )  # fmt: skip
     gen.add_argument(
-        "--source-addresses", type=int, default=DEFAULT_SOURCE_ADDRESSES, metavar="N",
+        "--source-addresses", type=int, default=None, metavar="N",
         help="spread client sockets over 127.0.0.1 .. 127.0.0.N (IPv4 loopback targets "
-        f"only; default {DEFAULT_SOURCE_ADDRESSES})",
+        f"only; default: {DEFAULT_SOURCE_ADDRESSES}, or one per "
+        f"{OPENING_PER_SOURCE_ADDRESS} connections opening at once, up to "
+        f"{MAX_SOURCE_ADDRESSES}, so that a relay's per-address limit on unconfirmed "
+        "connections does not refuse a large -K)",
     )  # fmt: skip
     gen.add_argument(
         "--partner-port", type=int, metavar="PORT",
@@ -291,6 +298,15 @@ def source_addresses(target: Target, count: int) -> tuple[str, ...]:
     return tuple(f"127.0.0.{i}" for i in range(1, count + 1))
 
 
+def default_source_addresses(mode: str, concurrency: int, pairs: int) -> int:
+    """Enough source addresses that each has at most OPENING_PER_SOURCE_ADDRESS
+    connections opening at once (handshake / idle: K; traffic: both clients of
+    up to K pairs), and at least DEFAULT_SOURCE_ADDRESSES."""
+    opening = 2 * min(pairs, concurrency) if mode in TRAFFIC_MODES else concurrency
+    needed = -(-opening // OPENING_PER_SOURCE_ADDRESS)
+    return max(DEFAULT_SOURCE_ADDRESSES, min(needed, MAX_SOURCE_ADDRESSES))
+
+
 def _positive(name: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         raise UsageError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value:g}")
@@ -312,8 +328,13 @@ def options_from_args(args: argparse.Namespace) -> LoadtestOptions:
         fraction = getattr(args, name)
         if not 0 <= fraction <= 1:  # also refuses NaN
             raise UsageError(f"--{name.replace('_', '-')} must be 0..1, got {fraction:g}")
-    if not 1 <= args.source_addresses <= MAX_SOURCE_ADDRESSES:
+    if args.source_addresses is not None and not (
+        1 <= args.source_addresses <= MAX_SOURCE_ADDRESSES
+    ):
         raise UsageError(f"--source-addresses must be 1..{MAX_SOURCE_ADDRESSES}")
+    address_count = args.source_addresses or default_source_addresses(
+        mode, args.concurrency, args.pairs
+    )
     if mode in TRAFFIC_MODES:
         largest = TCP_MAX_OOB_DATA_LENGTH if mode == "oob" else MAX_DATA_PAYLOAD
         if not HEADER_SIZE <= args.size <= largest:
@@ -353,7 +374,7 @@ def options_from_args(args: argparse.Namespace) -> LoadtestOptions:
         warmup=warmup,
         drain=drain,
         processes=min(args.processes, units),
-        source_addresses=source_addresses(target, args.source_addresses),
+        source_addresses=source_addresses(target, address_count),
         seed=args.seed,
         connect_timeout=args.connect_timeout,
         link_timeout=args.link_timeout,

@@ -147,6 +147,23 @@ def test_connections_spread_over_source_addresses() -> None:
     ]
 
 
+def test_default_source_addresses_grow_with_connections_opening_at_once() -> None:
+    """A burst of 10,000 (-K 10000) from 4 addresses is 2,500 half-open per
+    address, which a relay's default max_unconfirmed_per_ip (256 per worker)
+    refuses as a flood: the default spreads it over one address per 128."""
+    burst = options("handshake", "127.0.0.1", "1", HEX, "-C", "10000", "-K", "10000")
+    assert len(burst.source_addresses) == 79  # ceil(10000 / 128)
+    assert burst.source_addresses[-1] == "127.0.0.79"
+    small = options("handshake", "127.0.0.1", "1", HEX, "-K", "32")
+    assert len(small.source_addresses) == 4
+    pairs = options("throughput", "127.0.0.1", "1", HEX, "-P", "640", "-K", "1000")
+    assert len(pairs.source_addresses) == 10  # both clients of 640 pairs
+    chosen = options("handshake", "127.0.0.1", "1", HEX, "-K", "10000", "--source-addresses", "2")
+    assert len(chosen.source_addresses) == 2
+    huge = options("idle", "127.0.0.1", "1", HEX, "-N", "90000", "-K", "90000")
+    assert len(huge.source_addresses) == 254  # 127.0.0.1 .. 127.0.0.254
+
+
 def test_seeded_randomness_is_deterministic() -> None:
     assert Randomness(5).bytes(40) == Randomness(5).bytes(40)
     assert Randomness(5).secret_key() != Randomness(6).secret_key()
