@@ -15,36 +15,28 @@ from relaycore.constants import CRYPTO_MAC_SIZE, CRYPTO_NONCE_SIZE
 # Boxes are made and opened with libsodium's *_easy_afternm functions through
 # PyNaCl's own cffi module: they take and return exactly toxcore's layout
 # (MAC || ciphertext), where PyNaCl's crypto_box_[open_]afternm wrappers pad
-# with zero bytes, copy, and check in Python. ~0.5-0.7 us less per frame each
-# way (`cluster loadtest throughput` guards this: two per relayed frame).
-# The C functions read exactly 32 key and 24 nonce bytes: every caller passes
-# those sizes (checked in seal/open_box; SecureChannel checks its key once).
-_uninitialised = ffi.new_allocator(should_clear_after_alloc=False)
-_box_easy_afternm = lib.crypto_box_easy_afternm
-_box_open_easy_afternm = lib.crypto_box_open_easy_afternm
-_buffer = ffi.buffer
-KEY_SIZE = 32
-
+# with zero bytes, copy, and check in Python. They are exported as they are
+# (no Python call in between: the framing's per-frame path calls them):
+# box_open_into(plain, boxed, size, nonce, key) opens ``size`` boxed bytes into
+# ``plain`` and returns 0, or -1 for a bad MAC; seal_into(boxed, plain, size,
+# nonce, key) seals ``size`` bytes into ``boxed`` (size + 16 bytes). They read
+# exactly 32 key and 24 nonce bytes: every caller passes those sizes (checked
+# in seal/open_box; SecureChannel checks its key once) and a boxed size > 16.
+box_open_into = lib.crypto_box_open_easy_afternm
+seal_into = lib.crypto_box_easy_afternm
 # For the framing's copy-free path (relaycore.framing.open_frames): libsodium
 # reading a bytearray in place and writing into buffers allocated once.
 buffer_of = ffi.buffer
 from_buffer = ffi.from_buffer
 release_buffer = ffi.release
+_uninitialised = ffi.new_allocator(should_clear_after_alloc=False)
+KEY_SIZE = 32
 
 
 def scratch_buffer(size: int) -> object:
     """A C buffer of ``size`` bytes, for ``box_open_into`` / ``seal_into``."""
     return _uninitialised("unsigned char[]", size)
 
-
-# The libsodium functions themselves (no Python call in between: they are on
-# the per-frame path). box_open_into(plain, boxed, size, nonce, key) opens
-# ``size`` boxed bytes into ``plain`` and returns 0, or -1 for a bad MAC;
-# seal_into(boxed, plain, size, nonce, key) seals ``size`` bytes into
-# ``boxed`` (size + 16 bytes). The caller guarantees a boxed size > 16, a
-# 32-byte key and a 24-byte nonce.
-box_open_into = _box_open_easy_afternm
-seal_into = _box_easy_afternm
 
 NONCE_MODULUS = 1 << (8 * CRYPTO_NONCE_SIZE)
 
@@ -60,14 +52,12 @@ __all__ = [
     "nonce_bytes",
     "nonce_int",
     "open_box",
-    "open_box_unchecked",
     "public_key_of",
     "random_bytes",
     "release_buffer",
     "scratch_buffer",
     "seal",
     "seal_into",
-    "seal_unchecked",
 ]
 
 
@@ -93,33 +83,22 @@ def seal(key: bytes, nonce: bytes, plain: bytes) -> bytes:
     """MAC(16) || ciphertext, nonce not included (encrypt_data_symmetric)."""
     if len(key) != KEY_SIZE or len(nonce) != CRYPTO_NONCE_SIZE:
         raise ValueError("seal: key must be 32 bytes, nonce 24")
-    return seal_unchecked(key, nonce, plain)
-
-
-def seal_unchecked(key: bytes, nonce: bytes, plain: bytes) -> bytes:
-    """``seal`` for callers that guarantee a 32-byte key and a 24-byte nonce."""
-    size = len(plain) + CRYPTO_MAC_SIZE
-    boxed = _uninitialised("unsigned char[]", size)
-    _box_easy_afternm(boxed, plain, len(plain), nonce, key)  # cannot fail for these sizes
-    return _buffer(boxed)[:]
+    boxed = scratch_buffer(len(plain) + CRYPTO_MAC_SIZE)
+    seal_into(boxed, plain, len(plain), nonce, key)  # cannot fail for these sizes
+    return buffer_of(boxed)[:]
 
 
 def open_box(key: bytes, nonce: bytes, boxed: bytes) -> bytes:
     """Inverse of seal; raises CryptoError on a bad MAC or when len(boxed) <= 16."""
     if len(key) != KEY_SIZE or len(nonce) != CRYPTO_NONCE_SIZE:
         raise ValueError("open_box: key must be 32 bytes, nonce 24")
-    return open_box_unchecked(key, nonce, boxed)
-
-
-def open_box_unchecked(key: bytes, nonce: bytes, boxed: bytes) -> bytes:
-    """``open_box`` for callers that guarantee a 32-byte key and a 24-byte nonce."""
     size = len(boxed) - CRYPTO_MAC_SIZE
     if size <= 0:
         raise CryptoError("box too short")
-    plain = _uninitialised("unsigned char[]", size)
-    if _box_open_easy_afternm(plain, boxed, len(boxed), nonce, key) != 0:
+    plain = scratch_buffer(size)
+    if box_open_into(plain, boxed, len(boxed), nonce, key) != 0:
         raise CryptoError("box does not open (bad MAC)")
-    return _buffer(plain)[:]
+    return buffer_of(plain)[:]
 
 
 def nonce_int(nonce: bytes) -> int:
