@@ -276,12 +276,7 @@ class RelayServer:
             if remote_payloads:
                 send_remote(connection, remote, remote_payloads)  # type: ignore[arg-type]
             stats["frames_in"] += count
-            if relayed:
-                stats["relayed"] += relayed
-                stats["relayed_bytes"] += relayed_bytes
-                stats["frames_out"] += relayed
-            if dropped:
-                stats["dropped.backpressure"] += dropped
+            self._count_relayed(relayed, relayed_bytes, dropped)
 
     def _stop_reading(
         self,
@@ -673,6 +668,12 @@ class RelayServer:
             relayed_bytes += 1 + len(payload)
         if was_empty and outbox:
             self._dirty.append(connection)
+        self._count_relayed(relayed, relayed_bytes, dropped)
+
+    def _count_relayed(self, relayed: int, relayed_bytes: int, dropped: int) -> None:
+        """Counters of a run of routed data handled in one go (what
+        ``_send_nonpriority`` counts per packet): frames queued, their
+        plaintext bytes, and those dropped for backpressure (R-OUT-2)."""
         stats = self.stats
         if relayed:
             stats["frames_out"] += relayed
