@@ -50,64 +50,8 @@ def _drain(server: RelayServer) -> int:
     return sum(len(_data_to_send(connection)) for connection in server.take_dirty())
 
 
-def _pump(server: RelayServer, pairs: list[tuple[ClientConnection, object]]) -> None:
-    """Move bytes both ways until quiet (the handshake and the link)."""
-    for _ in range(20):
-        moved = False
-        for client, connection in pairs:
-            data = client.take_outbox()
-            if data:
-                server.receive(connection, data, 0.0)  # type: ignore[arg-type]
-                moved = True
-        for connection in server.take_dirty():
-            data = _data_to_send(connection)
-            for client, known in pairs:
-                if known is connection:
-                    client.receive(data)
-        if not moved:
-            return
-
-
-def measure(frames: int, payload: int) -> float:
-    """Seconds of process CPU per frame, for ``frames`` frames in one batch
-    per 256 (FRAMES_PER_RECEIVE: one read of a busy socket)."""
-    server_sk = generate_keypair()[1]
-    server = RelayServer(server_sk, shard=1)
-    sender = ClientConnection(os.urandom(32), server.public_key)
-    receiver = ClientConnection(os.urandom(32), server.public_key)
-    pairs = [
-        (sender, server.open_connection("127.0.0.1", 0.0)),
-        (receiver, server.open_connection("127.0.0.2", 0.0)),
-    ]
-    _pump(server, pairs)
-    sender.send(Ping(b"12345678"))
-    receiver.send(Ping(b"12345678"))
-    sender.send(RoutingRequest(receiver.public_key))
-    receiver.send(RoutingRequest(sender.public_key))
-    _pump(server, pairs)
-    sender.receive(b"")
-    body = os.urandom(payload)
-    batch = 256
-    chunks = []
-    for _ in range(frames // batch):
-        for _ in range(batch):
-            sender.send(RoutedData(16, body))
-        chunks.append(sender.take_outbox())
-    connection = pairs[0][1]
-    relayed_before = server.stats["relayed"]
-    started = time.process_time()
-    for chunk in chunks:
-        server.receive(connection, chunk, 1.0)  # type: ignore[arg-type]
-        _drain(server)
-    spent = time.process_time() - started
-    relayed = server.stats["relayed"] - relayed_before
-    if relayed != len(chunks) * batch:
-        raise SystemExit(f"relayed {relayed} of {len(chunks) * batch} frames")
-    return spent / relayed
-
-
 def _exchange(servers: dict[int, RelayServer]) -> bool:
-    """Hand each shard's link messages and map registrations to the other
+    """Hand each shard's link messages and map registrations to every shard
     (as the bus and the coordinator would); True when anything moved."""
     moved = False
     for shard, server in servers.items():
@@ -126,41 +70,47 @@ def _exchange(servers: dict[int, RelayServer]) -> bool:
     return moved
 
 
-def measure_cross(frames: int, payload: int) -> float:
-    """``measure`` with the sender on shard 1 and the receiver on shard 2."""
+def _pump(servers: dict[int, RelayServer], ends: list[tuple]) -> None:
+    """Move bytes and link messages every way until quiet (handshakes, link).
+    ``ends``: (client, its server, its connection there)."""
+    for _ in range(20):
+        moved = _exchange(servers)
+        for client, server, connection in ends:
+            data = client.take_outbox()
+            if data:
+                server.receive(connection, data, 0.0)
+                moved = True
+            for dirty in server.take_dirty():
+                output = _data_to_send(dirty)
+                if dirty is connection:
+                    client.receive(output)
+        if not moved:
+            return
+
+
+def measure(frames: int, payload: int, cross: bool = False) -> float:
+    """Seconds of process CPU per frame, for ``frames`` frames in one batch
+    per 256 (FRAMES_PER_RECEIVE: one read of a busy socket); ``cross``: the
+    receiver on a second shard, link messages handed over in process."""
     server_sk = generate_keypair()[1]
-    servers = {1: RelayServer(server_sk, shard=1), 2: RelayServer(server_sk, shard=2)}
+    shard_ids = [1, 2] if cross else [1]
+    servers = {shard: RelayServer(server_sk, shard=shard) for shard in shard_ids}
     for server in servers.values():
-        server.cluster.set_peer_shards([1, 2], 0.0)  # type: ignore[attr-defined]
-    sender = ClientConnection(os.urandom(32), servers[1].public_key)
-    receiver = ClientConnection(os.urandom(32), servers[2].public_key)
+        server.cluster.set_peer_shards(shard_ids, 0.0)  # type: ignore[attr-defined]
+    first, last = servers[shard_ids[0]], servers[shard_ids[-1]]
+    sender = ClientConnection(os.urandom(32), first.public_key)
+    receiver = ClientConnection(os.urandom(32), last.public_key)
     ends = [
-        (sender, servers[1], servers[1].open_connection("127.0.0.1", 0.0)),
-        (receiver, servers[2], servers[2].open_connection("127.0.0.2", 0.0)),
+        (sender, first, first.open_connection("127.0.0.1", 0.0)),
+        (receiver, last, last.open_connection("127.0.0.2", 0.0)),
     ]
-
-    def pump() -> None:
-        for _ in range(20):
-            moved = _exchange(servers)
-            for client, server, connection in ends:
-                data = client.take_outbox()
-                if data:
-                    server.receive(connection, data, 0.0)  # type: ignore[arg-type]
-                    moved = True
-                for dirty in server.take_dirty():
-                    output = _data_to_send(dirty)
-                    if dirty is connection:
-                        client.receive(output)
-            if not moved:
-                return
-
-    pump()
+    _pump(servers, ends)
     sender.send(Ping(b"12345678"))
     receiver.send(Ping(b"12345678"))
-    pump()
+    _pump(servers, ends)
     sender.send(RoutingRequest(receiver.public_key))
     receiver.send(RoutingRequest(sender.public_key))
-    pump()
+    _pump(servers, ends)
     body = os.urandom(payload)
     batch = 256
     chunks = []
@@ -168,20 +118,20 @@ def measure_cross(frames: int, payload: int) -> float:
         for _ in range(batch):
             sender.send(RoutedData(16, body))
         chunks.append(sender.take_outbox())
-    first, second = servers[1], servers[2]
     connection = ends[0][2]
-    relayed_before = second.stats["relayed"]
+    relayed_before = last.stats["relayed"]
     started = time.process_time()
     for chunk in chunks:
-        first.receive(connection, chunk, 1.0)  # type: ignore[arg-type]
+        first.receive(connection, chunk, 1.0)
         _drain(first)
-        for _, message in first.cluster.take_bus(1.0):  # type: ignore[attr-defined]
-            second.cluster.receive_link(1, message, 1.0)  # type: ignore[attr-defined]
-        _drain(second)
+        if cross:
+            for _, message in first.cluster.take_bus(1.0):  # type: ignore[attr-defined]
+                last.cluster.receive_link(1, message, 1.0)  # type: ignore[attr-defined]
+            _drain(last)
     spent = time.process_time() - started
-    relayed = second.stats["relayed"] - relayed_before
+    relayed = last.stats["relayed"] - relayed_before
     if relayed != len(chunks) * batch:
-        raise SystemExit(f"relayed {relayed} of {len(chunks) * batch} frames across shards")
+        raise SystemExit(f"relayed {relayed} of {len(chunks) * batch} frames")
     return spent / relayed
 
 
@@ -192,8 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--payload", type=int, default=128)
     parser.add_argument("--cross", action="store_true", help="sender and receiver on two shards")
     arguments = parser.parse_args(argv)
-    run = measure_cross if arguments.cross else measure
-    per_frame = [run(arguments.frames, arguments.payload) for _ in range(arguments.rounds)]
+    per_frame = [
+        measure(arguments.frames, arguments.payload, arguments.cross)
+        for _ in range(arguments.rounds)
+    ]
     print(
         json.dumps(
             {
