@@ -27,7 +27,6 @@ from cluster.loadtest.identity import Identity
 from cluster.loadtest.modes.base import ModeRunner, in_lanes, sleep_until
 from cluster.loadtest.payload import (
     ECHO,
-    ECHO_PREFIX,
     HEADER,
     HEADER_SIZE,
     ORIGINAL,
@@ -39,7 +38,6 @@ from relaycore.crypto import buffer_of
 from relaycore.framing import PLAINTEXT
 from relaycore.packets import (
     DisconnectNotification,
-    OobReceive,
     OobSend,
     Packet,
     Ping,
@@ -120,29 +118,17 @@ class Endpoint:
             self.sent += 1
 
     def on_packets(self, packets: list[Packet]) -> None:
-        """Packets the client decoded (the slow path: control packets, or no fast path)."""
+        """Control packets the client decoded. Routed data and OOB receive
+        frames never come here: ``LoadClient`` hands them to ``on_frame``."""
         errors = self.run.result.errors
-        payloads = []
         for packet in packets:
             kind = type(packet)
-            if kind is RoutedData:
-                if packet.connection_id != self.peer:  # type: ignore[union-attr]
-                    errors["misdelivered"] += 1
-                    continue
-                payloads.append(packet.payload)  # type: ignore[union-attr]
-            elif kind is OobReceive:
-                if packet.sender != self.peer:  # type: ignore[union-attr]
-                    errors["misdelivered"] += 1
-                    continue
-                payloads.append(packet.data)  # type: ignore[union-attr]
-            elif kind is Ping or kind is Pong:
+            if kind is Ping or kind is Pong:
                 continue  # server pings are answered by the protocol core
-            elif kind is DisconnectNotification:
+            if kind is DisconnectNotification:
                 errors["disconnected"] += 1
             else:
                 errors["unexpected packet"] += 1
-        if payloads:
-            self.on_payloads(payloads)
 
     def on_frame(self, size: int, now: float) -> None:
         """One routed data / OOB receive frame, its plaintext in PLAINTEXT
@@ -203,43 +189,6 @@ class Endpoint:
         if self.frames:
             self.run.count_frames(now, self.frames)
             self.frames = 0
-
-    def on_payloads(self, payloads: list[bytes]) -> None:
-        """Echo originals, time echoes and send the next originals (the
-        ``on_packets`` path: payloads of decoded packets)."""
-        run = self.run
-        now = time.perf_counter()
-        errors = run.result.errors
-        core = self.client.core
-        encrypt = core.channel.encrypt  # type: ignore[union-attr]  # connected: set
-        outbox = core.outbox
-        wrap = self.wrap
-        size = run.size
-        unpack = HEADER.unpack_from
-        frames = 0
-        for payload in payloads:
-            if len(payload) != size:
-                errors["bad payload"] += 1
-                continue
-            flag, sequence, sent_at = unpack(payload)
-            frames += 1
-            if flag == ORIGINAL:
-                if (sequence - self.next_original) % SEQUENCE_MODULUS >= _HALF_SEQUENCE:
-                    errors["out of order"] += 1
-                self.next_original = (sequence + 1) % SEQUENCE_MODULUS
-                outbox += encrypt(wrap + ECHO_PREFIX + payload[1:])  # echo_of(payload)
-            else:
-                self.echoed += 1
-                if (sequence - self.next_echo) % SEQUENCE_MODULUS >= _HALF_SEQUENCE:
-                    errors["out of order"] += 1
-                self.next_echo = (sequence + 1) % SEQUENCE_MODULUS
-                if run.measure_from <= now < run.measure_until:
-                    run.result.latency.add(now - sent_at)
-                if run.originating and self.sent - self.echoed < run.window:
-                    outbox += encrypt(wrap + original(self.sent, time.perf_counter(), run.filler))
-                    self.sent += 1
-        if frames:
-            run.count_frames(now, frames)
 
 
 class TrafficRunner(ModeRunner):
