@@ -46,7 +46,6 @@ from relaycore.shardmap import ShardMap
 if TYPE_CHECKING:
     from relaycore.relay import RelayServer
 
-_DATA = int(Link.DATA)
 # Payload bytes one DATA message carries at most (send_data adds a link's
 # frames to its open message up to this; the bus's batches stay ~64 KiB).
 DATA_MESSAGE_BYTES = 16 * 1024
@@ -315,19 +314,17 @@ class CrossShard(ShardMap):
                     self._send_want(connection, remote)  # requests that crossed converge
                     self.stats["wants_after_set"] += 1
 
-    def _local(self, public_key: bytes, epoch: Epoch) -> ServerConnection | None:
-        """The local connection with this key *and* epoch; None means stale."""
+    def _local(self, public_key: bytes, epoch: Epoch, packets: int = 1) -> ServerConnection | None:
+        """The local connection with this key *and* epoch; None means stale
+        (the message's ``packets`` are counted as dropped)."""
         connection = self.relay.by_key.get(public_key)
         if connection is None or connection.epoch != epoch:
-            self.stats["dropped.stale_epoch"] += 1
+            self.stats["dropped.stale_epoch"] += packets
             return None
         return connection
 
     def receive_link(self, from_shard: ShardId, message: tuple, now: float) -> None:
         """A link message from another shard (handlers are idempotent)."""
-        if message[0] == _DATA:  # the bulk; delivering data kills nobody: no settle
-            self._on_data(from_shard, message, now)
-            return
         handler = self._link_handlers.get(message[0])
         if handler is not None:
             handler(from_shard, message, now)
@@ -337,9 +334,8 @@ class CrossShard(ShardMap):
         """Routed data over a link (R-DATA-4): only the link's own two epochs.
         The message's last field holds the payloads, in order."""
         _, from_pk, from_epoch, to_pk, to_epoch, payloads = message
-        connection = self.relay.by_key.get(to_pk)
-        if connection is None or connection.epoch != to_epoch:
-            self.stats["dropped.stale_epoch"] += len(payloads)
+        connection = self._local(to_pk, to_epoch, len(payloads))
+        if connection is None:
             return
         index = connection.slot_of_key.get(from_pk)
         slot = connection.slots[index] if index is not None else None

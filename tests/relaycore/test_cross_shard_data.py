@@ -160,8 +160,12 @@ def test_stale_data_is_counted_per_frame() -> None:
         Link.DATA, PUBLIC_KEYS["alice"], sender.epoch + 1,
         PUBLIC_KEYS["bob"], receiver.epoch, (b"alice#a", b"alice#b", b"alice#c"),
     )  # fmt: skip
-    receiving.cluster.receive_link(cluster.clients[alice].server.shard, message, cluster.now)
+    shard = cluster.clients[alice].server.shard
+    receiving.cluster.receive_link(shard, message, cluster.now)
     assert receiving.stats["dropped.stale_link"] == 3
+    message = (*message[:4], receiver.epoch + 1, message[5])
+    receiving.cluster.receive_link(shard, message, cluster.now)
+    assert receiving.stats["dropped.stale_epoch"] == 3
     assert receiver.outbox == []
 
 
